@@ -1,0 +1,217 @@
+"""The mip-NeRF model: one MLP shared by the coarse and fine levels.
+
+Architecture and defaults follow the paper and the official release
+(google/mipnerf, `internal/models.py`). Every script builds the model through
+`MipNeRF.from_config` or `load_checkpoint`, so a checkpoint alone is enough to
+rebuild it.
+"""
+import dataclasses
+import os
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import ray_utils
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """Everything needed to rebuild the network; saved in every checkpoint."""
+    num_samples: int = 128        # samples (intervals) per level
+    num_levels: int = 2           # coarse + fine
+    resample_padding: float = 0.01
+    stop_level_grad: bool = True  # no gradient through the resampling
+    use_viewdirs: bool = True
+    lindisp: bool = False
+    ray_shape: str = 'cone'       # 'cone' or 'cylinder'
+    min_deg_point: int = 0
+    max_deg_point: int = 16
+    deg_view: int = 4
+    density_noise: float = 0.     # std of Gaussian noise on raw density (training only)
+    density_bias: float = -1.
+    rgb_padding: float = 0.001
+    disable_integration: bool = False  # PE of the means instead of IPE (ablation)
+    white_bkgd: bool = True
+    net_depth: int = 8
+    net_width: int = 256
+    net_depth_condition: int = 1
+    net_width_condition: int = 128
+    skip_layer: int = 4
+
+    @classmethod
+    def from_config(cls, cfg):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(cfg).items() if k in names})
+
+
+def _dense(in_features, out_features):
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight)   # glorot_uniform, as the official release
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _linear_of_concat(a, b, layer):
+    """layer(cat([a, b], -1)) without the copy: W_a a + W_b b + bias, two GEMMs."""
+    w, k = layer.weight, a.shape[-1]
+    out = F.linear(b, w[:, k:], layer.bias)
+    out = torch.addmm(out.reshape(-1, out.shape[-1]), a.reshape(-1, k), w[:, :k].t())
+    return out.view(a.shape[:-1] + (w.shape[0],))
+
+
+class MLP(nn.Module):
+    """The NeRF MLP: an 8x256 trunk, density head, bottleneck and view branch.
+
+    The encoded input is concatenated to the output of trunk layer
+    `skip_layer` (0-based, so the fifth layer with the default 4), which feeds
+    the sixth layer, exactly as `i % skip_layer == 0 and i > 0` in the
+    official release.
+    """
+
+    def __init__(self, x_dim, cond_dim, a: ModelArgs):
+        super().__init__()
+        self.skip_layer = a.skip_layer
+        layers, in_dim = [], x_dim
+        for i in range(a.net_depth):
+            layers.append(_dense(in_dim, a.net_width))
+            in_dim = a.net_width + (x_dim if self._skip_after(i) else 0)
+        self.trunk = nn.ModuleList(layers)
+        self.density = _dense(in_dim, 1)
+        self.use_viewdirs = cond_dim > 0
+        if self.use_viewdirs:
+            self.bottleneck = _dense(in_dim, a.net_width)
+            cond, c_in = [], a.net_width + cond_dim
+            for _ in range(a.net_depth_condition):
+                cond.append(_dense(c_in, a.net_width_condition))
+                c_in = a.net_width_condition
+            self.condition = nn.ModuleList(cond)
+            in_dim = c_in
+        self.rgb = _dense(in_dim, 3)
+
+    def _skip_after(self, i):
+        return self.skip_layer > 0 and i % self.skip_layer == 0 and i > 0
+
+    def forward(self, x, cond=None):
+        """x: `[..., S, x_dim]`; cond: `[..., cond_dim]` per ray.
+
+        Returns raw_rgb `[..., S, 3]`, raw_density `[..., S]`.
+
+        The concatenations of the official MLP are computed as sums of GEMMs
+        over slices of the same weights (W [a; b] = W_a a + W_b b): the same
+        function and parameters, without copying the skip input, and the
+        view-direction term is computed once per ray instead of per sample.
+        """
+        inputs = x
+        skip = False
+        for i, layer in enumerate(self.trunk):
+            x = F.relu(_linear_of_concat(x, inputs, layer) if skip else layer(x), inplace=True)
+            skip = self._skip_after(i)
+        if skip:  # a skip after the last trunk layer feeds the heads
+            x = torch.cat([x, inputs], dim=-1)
+        raw_density = self.density(x)[..., 0]
+        if self.use_viewdirs:
+            bottleneck = self.bottleneck(x)
+            first, *rest = self.condition
+            w = first.weight
+            per_ray = F.linear(cond, w[:, bottleneck.shape[-1]:], first.bias)
+            x = F.relu(F.linear(bottleneck, w[:, :bottleneck.shape[-1]]) + per_ray[..., None, :], inplace=True)
+            for layer in rest:
+                x = F.relu(layer(x), inplace=True)
+        return self.rgb(x), raw_density
+
+
+class MipNeRF(nn.Module):
+    """mip-NeRF: cone tracing with IPE features and hierarchical sampling.
+
+    Sampling is randomized (stratified jitter, density noise) only in
+    training mode and only if `randomized`; `model.eval()` renders
+    deterministically.
+    """
+
+    def __init__(self, args: ModelArgs = None, randomized: bool = True, **kwargs):
+        super().__init__()
+        self.args = args if args is not None else ModelArgs(**kwargs)
+        self.randomized = randomized
+        a = self.args
+        x_dim = 2 * 3 * (a.max_deg_point - a.min_deg_point)
+        cond_dim = 3 + 2 * 3 * a.deg_view if a.use_viewdirs else 0
+        self.mlp = MLP(x_dim, cond_dim, a)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(ModelArgs.from_config(cfg), randomized=cfg.randomized)
+
+    def forward(self, rays):
+        """Render a batch of rays through every level.
+
+        Args:
+          rays: `ray_utils.Rays` with leading shape `[...]`.
+
+        Returns:
+          [(rgb `[..., 3]`, distance `[...]`, acc `[...]`) per level], coarse first.
+        """
+        a = self.args
+        randomized = self.randomized and self.training
+        view_enc = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True) if a.use_viewdirs else None
+        ret = []
+        for level in range(a.num_levels):
+            if level == 0:
+                t_vals, (mean, cov) = ray_utils.sample_along_rays(
+                    rays.origins, rays.directions, rays.radii, a.num_samples,
+                    rays.near, rays.far, randomized, a.lindisp, a.ray_shape)
+            else:
+                t_vals, (mean, cov) = ray_utils.resample_along_rays(
+                    rays.origins, rays.directions, rays.radii, t_vals, weights,
+                    randomized, a.ray_shape, a.resample_padding, a.stop_level_grad)
+            if a.disable_integration:
+                cov = torch.zeros_like(cov)
+            x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
+            raw_rgb, raw_density = self.mlp(x, view_enc)
+            if randomized and a.density_noise > 0:
+                raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
+            rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding
+            density = F.softplus(raw_density + a.density_bias)
+            comp_rgb, distance, acc, weights = ray_utils.volumetric_rendering(
+                rgb, density, t_vals, rays.directions, a.white_bkgd)
+            ret.append((comp_rgb, distance, acc))
+        return ret
+
+    @torch.no_grad()
+    def render_image(self, rays, chunk=8192):
+        """Render the fine level of a whole image, deterministically, in chunks.
+
+        Args:
+          rays: `Rays` of `[H, W, C]` tensors (any device: chunks are moved to
+            the model's device).
+
+        Returns:
+          rgb `[H, W, 3]`, distance `[H, W]`, acc `[H, W]` on the model's device.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            shape = rays.origins.shape[:-1]
+            flat = ray_utils.namedtuple_map(lambda r: r.reshape(-1, r.shape[-1]), rays)
+            outs = []
+            for i in range(0, flat.origins.shape[0], chunk):
+                chunk_rays = ray_utils.namedtuple_map(lambda r: r[i:i + chunk].to(device), flat)
+                outs.append(self(chunk_rays)[-1])
+            rgb, distance, acc = (torch.cat(o, 0) for o in zip(*outs))
+            return rgb.reshape(shape + (3,)), distance.reshape(shape), acc.reshape(shape)
+        finally:
+            self.train(was_training)
+
+
+def load_checkpoint(path, device='cpu'):
+    """Rebuild the model from a checkpoint written by train.py.
+
+    Returns (model in eval mode on `device`, checkpoint dict).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = MipNeRF(ModelArgs(**ckpt['model_args']), randomized=False)
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,366 @@
+"""Rays, conical frustums, integrated positional encoding and volume rendering.
+
+Pure tensor functions: every function takes any leading batch shape `...`,
+works on any device and floating dtype, and keeps no state.
+
+Vocabulary (as in the mip-NeRF paper, Barron et al. 2021, and the official
+JAX release google/mipnerf):
+  o, d    ray origins and (unnormalized) directions, `[..., 3]`.
+  r       base radius of the cone: the radius of the pixel's footprint at
+          distance t = 1 along d, `[..., 1]` (Sec. 3.1 of the paper).
+  t       interval endpoints ("t_vals") along a ray, sorted, `[..., S+1]`;
+          interval i is [t[i], t[i+1]] and is a conical frustum.
+  w       rendering weights of the S intervals, `[..., S]`.
+  mean    Gaussian means of the intervals in world space, `[..., S, 3]`.
+  cov     Gaussian covariances, diagonal `[..., S, 3]` or full
+          `[..., S, 3, 3]`.
+"""
+import math
+from collections import namedtuple
+
+import torch
+
+Rays = namedtuple(
+    'Rays', ('origins', 'directions', 'viewdirs', 'radii', 'lossmult', 'near', 'far'))
+Rays.__doc__ = """A bundle of rays; every field has the same leading shape `[...]`.
+
+origins, directions, viewdirs: `[..., 3]`; radii, lossmult, near, far: `[..., 1]`.
+"""
+
+
+def namedtuple_map(fn, tup):
+    """Apply `fn` to every field of a namedtuple, returning the same type."""
+    return type(tup)(*(fn(x) for x in tup))
+
+
+# ----------------------------------------------------------------------------
+# Cameras.
+
+def pixel_rays(pix2cam, cam2world, x, y):
+    """Rays through pixel positions of pinhole cameras (pixel centres at +0.5).
+
+    The camera maps the homogeneous pixel position p = (x + 0.5, y + 0.5, 1) to
+    a camera-space direction `pix2cam @ p` (OpenGL convention: the camera
+    looks down -z, y is up) and rotates it into the world with `cam2world`.
+    The base radius is, as in the official release, the distance between the
+    directions of vertically neighbouring pixels times 2/sqrt(12): halfway
+    between the circles inscribed in and circumscribed about the pixel.
+
+    Args:
+      pix2cam: `[..., 3, 3]` pixel-to-camera matrices.
+      cam2world: `[..., 3, 4]` camera-to-world matrices [R | t].
+      x, y: `[...]` pixel column and row indices (integers or floats).
+
+    Returns:
+      origins `[..., 3]`, directions `[..., 3]`, viewdirs `[..., 3]`,
+      radii `[..., 1]`.
+    """
+    dtype = cam2world.dtype
+    p = torch.stack([x.to(dtype) + 0.5, y.to(dtype) + 0.5, torch.ones_like(x, dtype=dtype)], -1)
+    rot = cam2world[..., :3, :3]
+    cam_dirs = (pix2cam @ p[..., None])[..., 0]
+    directions = (rot @ cam_dirs[..., None])[..., 0]
+    origins = torch.broadcast_to(cam2world[..., :3, 3], directions.shape)
+    viewdirs = directions / torch.linalg.norm(directions, dim=-1, keepdim=True)
+    # Directions are linear in the pixel position, so the difference between
+    # neighbouring rows is R @ pix2cam @ (0, 1, 0) for every pixel.
+    step = (rot @ pix2cam[..., :, 1:2])[..., 0]
+    radii = torch.linalg.norm(step, dim=-1, keepdim=True) * (2 / math.sqrt(12))
+    radii = torch.broadcast_to(radii, directions.shape[:-1] + (1,))
+    return origins, directions, viewdirs, radii
+
+
+def pinhole_pix2cam(focal, width, height, dtype=torch.float32, device=None):
+    """The `[3, 3]` pix2cam matrix of a centred pinhole camera (Blender/LLFF).
+
+    Pixel (x + 0.5, y + 0.5) maps to ((x + 0.5 - W/2) / f, -(y + 0.5 - H/2) / f, -1).
+    """
+    f = float(focal)
+    return torch.tensor([[1 / f, 0, -0.5 * width / f],
+                         [0, -1 / f, 0.5 * height / f],
+                         [0, 0, -1]], dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------
+# Gaussians of conical frustums and cylinders (Sec. 3.1, Eq. 7 and App. A).
+
+def lift_gaussian(d, t_mean, t_var, r_var, diag):
+    """Lift a Gaussian along the ray axis `d` to a 3D Gaussian.
+
+    Args:
+      d: `[..., 3]` ray directions (not necessarily unit length).
+      t_mean, t_var, r_var: `[..., S]` mean and variance along the ray and
+        variance perpendicular to it.
+      diag: return the diagonal of the covariance only.
+
+    Returns:
+      mean `[..., S, 3]`, cov `[..., S, 3]` (diag) or `[..., S, 3, 3]`.
+    """
+    mean = d[..., None, :] * t_mean[..., None]
+    d_mag_sq = torch.clamp_min(torch.sum(d ** 2, dim=-1, keepdim=True), 1e-10)
+    if diag:
+        d_outer_diag = d ** 2
+        null_outer_diag = 1 - d_outer_diag / d_mag_sq
+        cov = t_var[..., None] * d_outer_diag[..., None, :] + r_var[..., None] * null_outer_diag[..., None, :]
+        return mean, cov
+    d_outer = d[..., :, None] * d[..., None, :]
+    eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
+    null_outer = eye - d[..., :, None] * (d / d_mag_sq)[..., None, :]
+    cov = t_var[..., None, None] * d_outer[..., None, :, :] + r_var[..., None, None] * null_outer[..., None, :, :]
+    return mean, cov
+
+
+def conical_frustum_to_gaussian(d, t0, t1, base_radius, diag, stable=True):
+    """Mean and covariance of the conical frustum between t0 and t1 (Eq. 7).
+
+    The cone starts at the origin with axis `d` and has radius `base_radius`
+    at t = 1. The moments are exact for a uniform density in the frustum.
+    `stable=True` uses the reparameterization by the interval's centre and
+    half-width (t_mu, t_delta) of the paper's Eq. 7, which avoids the
+    catastrophic cancellation of the direct form when t1 - t0 << t0.
+
+    Args:
+      d: `[..., 3]`; t0, t1: `[..., S]`; base_radius: `[..., 1]` (or broadcastable).
+
+    Returns:
+      mean `[..., S, 3]`, cov `[..., S, 3]` or `[..., S, 3, 3]`.
+    """
+    if stable:
+        mu = (t0 + t1) / 2
+        hw = (t1 - t0) / 2
+        denom = 3 * mu ** 2 + hw ** 2
+        t_mean = mu + (2 * mu * hw ** 2) / denom
+        t_var = hw ** 2 / 3 - (4 / 15) * (hw ** 4 * (12 * mu ** 2 - hw ** 2)) / denom ** 2
+        r_var = base_radius ** 2 * (mu ** 2 / 4 + (5 / 12) * hw ** 2 - (4 / 15) * hw ** 4 / denom)
+    else:
+        t_mean = (3 * (t1 ** 4 - t0 ** 4)) / (4 * (t1 ** 3 - t0 ** 3))
+        r_var = base_radius ** 2 * (3 / 20 * (t1 ** 5 - t0 ** 5) / (t1 ** 3 - t0 ** 3))
+        t_mosq = 3 / 5 * (t1 ** 5 - t0 ** 5) / (t1 ** 3 - t0 ** 3)
+        t_var = t_mosq - t_mean ** 2
+    return lift_gaussian(d, t_mean, t_var, r_var, diag)
+
+
+def cylinder_to_gaussian(d, t0, t1, radius, diag):
+    """Mean and covariance of the cylinder of `radius` around `d` from t0 to t1.
+
+    Args:
+      d: `[..., 3]`; t0, t1: `[..., S]`; radius: `[..., 1]` (or broadcastable).
+
+    Returns:
+      mean `[..., S, 3]`, cov `[..., S, 3]` or `[..., S, 3, 3]`.
+    """
+    t_mean = (t0 + t1) / 2
+    r_var = radius ** 2 / 4
+    t_var = (t1 - t0) ** 2 / 12
+    return lift_gaussian(d, t_mean, t_var, r_var, diag)
+
+
+def cast_rays(t_vals, origins, directions, radii, ray_shape, diag=True):
+    """Gaussians of the S sections of cone- or cylinder-shaped rays.
+
+    Args:
+      t_vals: `[..., S+1]` interval endpoints.
+      origins, directions: `[..., 3]`; radii: `[..., 1]`.
+      ray_shape: 'cone' or 'cylinder'.
+      diag: diagonal covariances `[..., S, 3]` instead of `[..., S, 3, 3]`.
+
+    Returns:
+      mean `[..., S, 3]`, cov.
+    """
+    t0, t1 = t_vals[..., :-1], t_vals[..., 1:]
+    if ray_shape == 'cone':
+        mean, cov = conical_frustum_to_gaussian(directions, t0, t1, radii, diag)
+    elif ray_shape == 'cylinder':
+        mean, cov = cylinder_to_gaussian(directions, t0, t1, radii, diag)
+    else:
+        raise ValueError(f"ray_shape must be 'cone' or 'cylinder', got {ray_shape!r}")
+    return mean + origins[..., None, :], cov
+
+
+# ----------------------------------------------------------------------------
+# Positional encodings (Sec. 3.1, Eq. 14).
+
+def _scales(min_deg, max_deg, like):
+    return 2.0 ** torch.arange(min_deg, max_deg, dtype=like.dtype, device=like.device)
+
+
+def pos_enc(x, min_deg, max_deg, append_identity=True):
+    """NeRF's positional encoding gamma(x).
+
+    Args:
+      x: `[..., C]`.
+
+    Returns:
+      `[..., C + 2*C*(max_deg-min_deg)]` with identity, or without:
+      [x, sin(2^l x) for l, c in order, cos(2^l x) likewise].
+    """
+    scales = _scales(min_deg, max_deg, x)
+    xb = (x[..., None, :] * scales[:, None]).reshape(x.shape[:-1] + (-1,))
+    feat = torch.cat([torch.sin(xb), torch.cos(xb)], dim=-1)
+    return torch.cat([x, feat], dim=-1) if append_identity else feat
+
+
+def integrated_pos_enc(mean, cov_diag, min_deg, max_deg):
+    """Integrated positional encoding: E[gamma(x)] for x ~ N(mean, diag(cov_diag)).
+
+    E[sin(a x)] = sin(a mu) exp(-a^2 var / 2), likewise for cos (Eq. 14).
+
+    Args:
+      mean, cov_diag: `[..., 3]`.
+
+    Returns:
+      `[..., 2*3*(max_deg-min_deg)]`: the sin block then the cos block, each
+      ordered (degree, coordinate), as the official release.
+    """
+    scales = _scales(min_deg, max_deg, mean)
+    shape = mean.shape[:-1] + (-1,)
+    y = (mean[..., None, :] * scales[:, None]).reshape(shape)
+    y_var = (cov_diag[..., None, :] * scales[:, None] ** 2).reshape(shape)
+    damp = torch.exp(-0.5 * y_var)
+    return torch.cat([damp * torch.sin(y), damp * torch.cos(y)], dim=-1)
+
+
+def integrated_pos_enc_full(mean, cov, min_deg, max_deg):
+    """IPE for full `[..., 3, 3]` covariances (only their diagonal matters)."""
+    return integrated_pos_enc(mean, torch.diagonal(cov, dim1=-2, dim2=-1), min_deg, max_deg)
+
+
+# ----------------------------------------------------------------------------
+# Sampling along rays.
+
+def sample_along_rays(origins, directions, radii, num_samples, near, far,
+                      randomized, lindisp, ray_shape, generator=None):
+    """Stratified sampling of S = num_samples intervals between near and far.
+
+    Args:
+      origins, directions: `[..., 3]`; radii, near, far: `[..., 1]`.
+      randomized: jitter each endpoint uniformly inside its stratum
+        (training); otherwise evenly spaced endpoints (evaluation).
+      lindisp: space the endpoints linearly in disparity instead of depth.
+
+    Returns:
+      t_vals `[..., S+1]`, (mean `[..., S, 3]`, cov_diag `[..., S, 3]`).
+    """
+    u = torch.linspace(0., 1., num_samples + 1, dtype=origins.dtype, device=origins.device)
+    if lindisp:
+        t_vals = 1. / (1. / near * (1. - u) + 1. / far * u)
+    else:
+        t_vals = near * (1. - u) + far * u
+    t_vals = torch.broadcast_to(t_vals, origins.shape[:-1] + (num_samples + 1,))
+    if randomized:
+        mids = 0.5 * (t_vals[..., 1:] + t_vals[..., :-1])
+        upper = torch.cat([mids, t_vals[..., -1:]], -1)
+        lower = torch.cat([t_vals[..., :1], mids], -1)
+        t_rand = torch.rand(t_vals.shape, dtype=t_vals.dtype, device=t_vals.device, generator=generator)
+        t_vals = lower + (upper - lower) * t_rand
+    return t_vals, cast_rays(t_vals, origins, directions, radii, ray_shape)
+
+
+def sorted_piecewise_constant_pdf(bins, weights, num_samples, randomized, generator=None):
+    """Inverse-transform sampling of the piecewise-constant PDF on sorted bins.
+
+    Args:
+      bins: `[..., B+1]` sorted bin endpoints.
+      weights: `[..., B]` non-negative weights (need not be normalized; all
+        zero gives a uniform PDF).
+      num_samples: number N of samples drawn.
+      randomized: stratified random u (training) or evenly spaced u in
+        [0, 1 - eps] (evaluation).
+
+    Returns:
+      `[..., N]` sorted samples in [bins[..., 0], bins[..., -1]].
+    """
+    eps = 1e-5
+    weight_sum = torch.sum(weights, dim=-1, keepdim=True)
+    padding = torch.clamp_min(eps - weight_sum, 0)
+    weights = weights + padding / weights.shape[-1]
+    weight_sum = weight_sum + padding
+    pdf = weights / weight_sum
+    cdf = torch.clamp_max(torch.cumsum(pdf[..., :-1], dim=-1), 1)
+    batch = cdf.shape[:-1]
+    cdf = torch.cat([torch.zeros(batch + (1,), dtype=cdf.dtype, device=cdf.device), cdf,
+                     torch.ones(batch + (1,), dtype=cdf.dtype, device=cdf.device)], dim=-1)
+
+    float_eps = torch.finfo(torch.float32).eps
+    if randomized:
+        s = 1 / num_samples
+        u = torch.arange(num_samples, dtype=cdf.dtype, device=cdf.device) * s
+        u = u + torch.rand(batch + (num_samples,), dtype=cdf.dtype, device=cdf.device,
+                           generator=generator) * (s - float_eps)
+        u = torch.clamp_max(u, 1. - float_eps)
+    else:
+        u = torch.linspace(0., 1. - float_eps, num_samples, dtype=cdf.dtype, device=cdf.device)
+        u = torch.broadcast_to(u, batch + (num_samples,)).contiguous()
+
+    # The interval of u is [cdf[i], cdf[i+1]) with i the last index with
+    # cdf[i] <= u; u < 1 = cdf[-1], so i + 1 <= B.
+    idx = torch.searchsorted(cdf.contiguous(), u, right=True) - 1
+    idx = idx.clamp(0, weights.shape[-1] - 1)
+    bins_g0 = torch.gather(bins, -1, idx)
+    bins_g1 = torch.gather(bins, -1, idx + 1)
+    cdf_g0 = torch.gather(cdf, -1, idx)
+    cdf_g1 = torch.gather(cdf, -1, idx + 1)
+    t = torch.clamp(torch.nan_to_num((u - cdf_g0) / (cdf_g1 - cdf_g0), 0.), 0, 1)
+    return bins_g0 + t * (bins_g1 - bins_g0)
+
+
+def resample_along_rays(origins, directions, radii, t_vals, weights, randomized,
+                        ray_shape, resample_padding, stop_grad=True, generator=None):
+    """Hierarchical resampling of the fine level from the coarse weights.
+
+    The weights are blurred with a 2-tap max then a 2-tap average ("blurpool",
+    Sec. 3.2 of the paper) and padded by `resample_padding` before sampling
+    the piecewise-constant PDF. With `stop_grad` (the default, as the
+    official release) no gradient flows through the new endpoints.
+
+    Args:
+      origins, directions: `[..., 3]`; radii: `[..., 1]`.
+      t_vals: `[..., S+1]` coarse endpoints; weights: `[..., S]` coarse weights.
+
+    Returns:
+      new t_vals `[..., S+1]`, (mean `[..., S, 3]`, cov_diag `[..., S, 3]`).
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
+        weights_pad = torch.cat([weights[..., :1], weights, weights[..., -1:]], dim=-1)
+        weights_max = torch.maximum(weights_pad[..., :-1], weights_pad[..., 1:])
+        weights_blur = 0.5 * (weights_max[..., :-1] + weights_max[..., 1:])
+        new_t_vals = sorted_piecewise_constant_pdf(
+            t_vals, weights_blur + resample_padding, t_vals.shape[-1], randomized, generator)
+    return new_t_vals, cast_rays(new_t_vals, origins, directions, radii, ray_shape)
+
+
+# ----------------------------------------------------------------------------
+# Volume rendering (Eq. 3 of NeRF, Mildenhall et al. 2020).
+
+def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
+    """Alpha-composite S intervals along each ray.
+
+    Args:
+      rgb: `[..., S, 3]` colours; density: `[..., S]` non-negative densities.
+      t_vals: `[..., S+1]` interval endpoints; dirs: `[..., 3]` ray
+        directions (their norm converts t to distance).
+      white_bkgd: composite onto white instead of black.
+
+    Returns:
+      comp_rgb `[..., 3]`, distance `[...]` (expected t, clipped to
+      [t_vals[..., 0], t_vals[..., -1]]; the far end where nothing is hit),
+      acc `[...]` opacity, weights `[..., S]`.
+    """
+    t_mids = 0.5 * (t_vals[..., :-1] + t_vals[..., 1:])
+    t_dists = t_vals[..., 1:] - t_vals[..., :-1]
+    delta = t_dists * torch.linalg.norm(dirs[..., None, :], dim=-1)
+    density_delta = density * delta
+    alpha = 1 - torch.exp(-density_delta)
+    trans = torch.exp(-torch.cat([torch.zeros_like(density_delta[..., :1]),
+                                  torch.cumsum(density_delta[..., :-1], dim=-1)], dim=-1))
+    weights = alpha * trans
+    comp_rgb = (weights[..., None] * rgb).sum(dim=-2)
+    acc = weights.sum(dim=-1)
+    t_near, t_far = t_vals[..., 0], t_vals[..., -1]
+    tiny = torch.finfo(acc.dtype).tiny
+    distance = (weights * t_mids).sum(dim=-1) / acc.clamp_min(tiny)
+    distance = torch.where(acc > 0, distance, t_far)
+    distance = torch.minimum(torch.maximum(distance, t_near), t_far)
+    if white_bkgd:
+        comp_rgb = comp_rgb + (1. - acc[..., None])
+    return comp_rgb, distance, acc, weights

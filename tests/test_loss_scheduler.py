@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+
+from loss import mipnerf_loss, mse_to_psnr, weighted_mse
+from scheduler import learning_rate, make_scheduler
+
+
+OFFICIAL = dict(lr_init=5e-4, lr_final=5e-6, max_steps=1_000_000, lr_delay_steps=2500, lr_delay_mult=0.01)
+
+
+def test_learning_rate_start_middle_end():
+    assert learning_rate(0, **OFFICIAL) == pytest.approx(5e-4 * 0.01)
+    # Halfway through the warm-up the ease is sin(pi/4).
+    warm = 0.01 + 0.99 * math.sin(math.pi / 4)
+    assert learning_rate(1250, **OFFICIAL) == pytest.approx(warm * 5e-4 * (5e-6 / 5e-4) ** (1250 / 1e6))
+    assert learning_rate(500_000, **OFFICIAL) == pytest.approx(math.sqrt(5e-4 * 5e-6))  # log-linear midpoint
+    assert learning_rate(1_000_000, **OFFICIAL) == pytest.approx(5e-6)
+    assert learning_rate(2_000_000, **OFFICIAL) == pytest.approx(5e-6)
+
+
+def test_learning_rate_without_delay_and_monotone_after_warmup():
+    assert learning_rate(0, 1e-3, 1e-5, 100) == pytest.approx(1e-3)
+    assert learning_rate(50, 1e-3, 1e-5, 100) == pytest.approx(1e-4)
+    lrs = [learning_rate(s, **OFFICIAL) for s in range(2500, 1_000_001, 50_000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_scheduler_follows_the_pure_function():
+    class Cfg:
+        lr_init, lr_final, max_steps, lr_delay_steps, lr_delay_mult = 1e-3, 1e-5, 40, 10, 0.1
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=Cfg.lr_init)
+    sched = make_scheduler(opt, Cfg)
+    for step in range(45):
+        assert opt.param_groups[0]['lr'] == pytest.approx(learning_rate(step, 1e-3, 1e-5, 40, 10, 0.1))
+        opt.step()
+        sched.step()
+
+
+def test_psnr_known_values():
+    assert mse_to_psnr(0.01) == pytest.approx(20.)
+    assert mse_to_psnr(1e-4) == pytest.approx(40.)
+    assert float(mse_to_psnr(torch.tensor(1.))) == pytest.approx(0.)
+
+
+def test_weighted_mse_and_coarse_weight():
+    target = torch.zeros(4, 3)
+    rgb = torch.tensor([[1., 1., 1.], [0., 0., 0.], [0.5, 0.5, 0.5], [0., 0., 0.]])
+    ones = torch.ones(4, 1)
+    assert weighted_mse(rgb, target, ones).item() == pytest.approx((1 + 0.25) / 4)
+    # lossmult weighs rays: a zero removes the ray from both sums.
+    lm = torch.tensor([[0.], [1.], [4.], [1.]])
+    assert weighted_mse(rgb, target, lm).item() == pytest.approx(4 * 0.25 / 6)
+    coarse, fine = torch.full((4, 3), 0.1), torch.full((4, 3), 0.2)
+    loss, mses, psnrs = mipnerf_loss([(coarse, None, None), (fine, None, None)], target, ones, 0.1)
+    assert loss.item() == pytest.approx(0.1 * 0.01 + 0.04)
+    torch.testing.assert_close(psnrs, mse_to_psnr(torch.tensor([0.01, 0.04])))
