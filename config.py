@@ -42,7 +42,7 @@ POSITIVE = ('batch_size', 'max_steps', 'num_samples', 'num_levels', 'net_depth',
             'log_every', 'keep_checkpoints')
 NON_NEGATIVE = ('factor', 'min_deg_point', 'deg_view', 'skip_layer', 'lr_delay_steps',
                 'coarse_loss_mult', 'density_noise', 'resample_padding', 'render_every',
-                'eval_every', 'save_every', 'eval_views', 'grad_max_norm', 'near')
+                'eval_every', 'save_every', 'eval_views', 'grad_max_norm', 'near', 'max_minutes')
 
 
 class ConfigError(ValueError):
@@ -129,6 +129,7 @@ def build_parser():
     flag('--grad_max_norm', type=float, default=0., help='clip the gradient norm (0: off)')
     boolean('--randomized', True, 'stratified jitter and density noise in training')
     boolean('--disable_multiscale_loss', False, 'ignore lossmult')
+    flag('--max_minutes', type=float, default=0., help='stop after this many minutes of training (0: no limit)')
     flag('--seed', type=int, default=0, help='random seed')
     flag('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
 
@@ -155,7 +156,7 @@ def apply_dataset_defaults(cfg):
     if cfg.scene is None:
         cfg.scene = scene
     if cfg.base_dir is None:
-        cfg.base_dir = os.path.join(cfg.data_dir, folder, cfg.scene)
+        cfg.base_dir = os.path.join(cfg.data_dir, folder, *([cfg.scene] if cfg.scene else []))
     if cfg.log_dir is None:
         cfg.log_dir = os.path.join('log', cfg.scene or cfg.dataset_name)
     return cfg

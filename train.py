@@ -214,7 +214,8 @@ def main(argv=None):
                 writer.add_image('test/depth', depth_image(distance, cfg.near, cfg.far).cpu(), step, dataformats='HW')
                 writer.add_image('test/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
 
-            last = step == cfg.max_steps
+            out_of_time = cfg.max_minutes > 0 and t_eval - t_start - eval_seconds > 60 * cfg.max_minutes
+            last = step == cfg.max_steps or out_of_time
             if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                 # A subset of views (--eval_views) during training; all of them at the end.
                 indices = eval_view_indices(len(test_data), 0 if last else cfg.eval_views)
@@ -230,8 +231,11 @@ def main(argv=None):
             eval_seconds += dt
             t_window += dt   # keep rendering time out of rays/s
 
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or last:
                 save(step)
+            if out_of_time:
+                tqdm.write(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
+                break
     except KeyboardInterrupt:
         save(step)
         pbar.close()
