@@ -1,16 +1,19 @@
-"""Scene loaders and the on-device ray sampler used for training.
+"""Scene loaders (Blender, LLFF, Multicam) and the on-device training-ray sampler.
 
     data = get_dataset('blender', 'data/nerf_synthetic/lego', 'train', factor=0)
-    data.images            # float32 [N, H, W, 3] in [0, 1] (CPU tensor)
+    data.images            # float32 [N, H, W, 3] in [0, 1] (a list for Multicam,
+                           # whose images differ in size)
     data.h, data.w, data.focal
     data.rays_of_image(0)  # Rays of [H, W, C] tensors
     sampler = RaySampler(data, batch_size=4096, device='cuda', seed=0)
     rays, target = sampler.sample()  # generated on the device, no DataLoader
 
-A camera is stored as a pix2cam `[3, 3]` and a cam2world `[3, 4]` matrix
-(see `ray_utils.pixel_rays`), so every loader shares one ray generator.
+Every camera is a pix2cam `[3, 3]` and a cam2world `[3, 4]` matrix (see
+`ray_utils.pixel_rays`), so all loaders share one ray generator; LLFF scenes
+add the NDC warp of the official release.
 """
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,12 +22,18 @@ import numpy as np
 import torch
 
 import config as config_lib
+import pose_utils
 import ray_utils
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file and the fix."""
 
+
+# ----------------------------------------------------------------------------
+# Images.
 
 def read_image(path):
     """An image file as float32 `[H, W, C]` in [0, 1] (RGB or RGBA)."""
@@ -56,43 +65,18 @@ def composite(rgba, white_bkgd):
     return rgb * alpha + (1. - alpha) if white_bkgd else rgb * alpha
 
 
-class SceneData:
-    """Images and cameras of one split of a scene.
-
-    Attributes:
-      images: float32 `[N, H, W, 3]` tensor in [0, 1].
-      h, w, focal: image size and focal length in pixels.
-      pix2cam `[N, 3, 3]`, cam2world `[N, 3, 4]`: float32 cameras.
-      near, far, lossmult: float32 `[N]` per-image ray attributes.
-    """
-
-    def __init__(self, images, focal, pix2cam, cam2world, near, far, lossmult=None):
-        self.images = images
-        self.h, self.w = images.shape[1:3]
-        self.focal = float(focal)
-        self.pix2cam = pix2cam
-        self.cam2world = cam2world
-        n = images.shape[0]
-        self.near = torch.full((n,), float(near)) if np.isscalar(near) else near
-        self.far = torch.full((n,), float(far)) if np.isscalar(far) else far
-        self.lossmult = torch.ones(n) if lossmult is None else lossmult
-
-    def __len__(self):
-        return self.images.shape[0]
-
-    def rays_of_image(self, i):
-        """Rays of every pixel of image i: `Rays` of `[H, W, C]` tensors."""
-        y, x = torch.meshgrid(torch.arange(self.h), torch.arange(self.w), indexing='ij')
-        return make_rays(self.pix2cam[i], self.cam2world[i], x, y,
-                         self.near[i], self.far[i], self.lossmult[i])
+def _read_all(paths, fn):
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, paths))
 
 
-def make_rays(pix2cam, cam2world, x, y, near, far, lossmult):
-    """Rays of pixels (x, y) of cameras; per-camera tensors broadcast to `[...]`."""
-    origins, directions, viewdirs, radii = ray_utils.pixel_rays(pix2cam, cam2world, x, y)
-    ones = torch.ones_like(radii)
-    as_col = lambda v: torch.as_tensor(v, dtype=radii.dtype, device=radii.device)[..., None] * ones
-    return ray_utils.Rays(origins, directions, viewdirs, radii, as_col(lossmult), as_col(near), as_col(far))
+def _same_size(images, files):
+    first = images[0].shape[:2]
+    for path, im in zip(files, images):
+        if im.shape[:2] != first:
+            raise DataError(f'image {path} has size {im.shape[:2]}, but {files[0]} has {first}: '
+                            'all images of a split must have the same size')
+    return torch.from_numpy(np.stack(images))
 
 
 def _load_json(path):
@@ -105,12 +89,83 @@ def _load_json(path):
         raise DataError(f'{path} is not valid JSON ({e}): re-download the scene') from None
 
 
-def _read_all(paths, fn):
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(fn, paths))
+# ----------------------------------------------------------------------------
+# Scenes and rays.
+
+class SceneData:
+    """Images and cameras of one split of a scene.
+
+    Attributes:
+      images: float32 `[N, H, W, 3]` tensor in [0, 1], or a list of
+        `[H_i, W_i, 3]` tensors when the sizes differ (Multicam).
+      sizes: [(H_i, W_i)]; h, w, focal: those of image 0.
+      pix2cam `[N, 3, 3]`, cam2world `[N, 3, 4]`: float32 cameras.
+      near, far, lossmult: float32 `[N]` per-image ray attributes.
+      ndc: None, or dict(focal, w, h) of the NDC warp (LLFF).
+      labels: `[N]` integer scale labels (Multicam; zeros otherwise).
+      bounds: `[N, 2]` scene depth bounds (LLFF, after scaling), or None.
+      all_cam2world: cam2world of every view of the scene, all splits
+        (render paths are built from it).
+    """
+
+    def __init__(self, images, pix2cam, cam2world, near, far, lossmult=None, ndc=None,
+                 labels=None, bounds=None, all_cam2world=None):
+        self.images = images
+        n = len(images)
+        self.sizes = [tuple(im.shape[:2]) for im in images]
+        self.h, self.w = self.sizes[0]
+        self.pix2cam, self.cam2world = pix2cam, cam2world
+        self.focal = float(1 / pix2cam[0, 0, 0])
+        full = lambda v: torch.full((n,), float(v)) if np.isscalar(v) else torch.as_tensor(v, dtype=torch.float32)
+        self.near, self.far = full(near), full(far)
+        self.lossmult = full(1.) if lossmult is None else full(lossmult)
+        self.ndc = ndc
+        self.labels = torch.zeros(n, dtype=torch.long) if labels is None else torch.as_tensor(labels)
+        self.bounds = bounds
+        self.all_cam2world = cam2world if all_cam2world is None else all_cam2world
+
+    def __len__(self):
+        return len(self.images)
+
+    def rays_of_image(self, i):
+        """Rays of every pixel of image i: `Rays` of `[H, W, C]` tensors."""
+        h, w = self.sizes[i]
+        y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+        return make_rays(self.pix2cam[i], self.cam2world[i], x, y, h, w,
+                         self.near[i], self.far[i], self.lossmult[i], self.ndc)
 
 
-def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2., far=6.):
+def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
+    """Rays of pixels (x, y) of images of size (h, w); per-camera tensors broadcast to `[...]`.
+
+    With `ndc` (LLFF), origins and directions are warped into normalized
+    device coordinates and the radius is, as in the official release, the
+    mean distance from the NDC origin to its row and column neighbours'
+    times 2/sqrt(12). The view directions stay the world-space directions
+    (unnormalized, as the official release passes them).
+    """
+    origins, directions, viewdirs, radii = ray_utils.pixel_rays(pix2cam, cam2world, x, y)
+    if ndc is not None:
+        def ndc_origin(xx, yy):
+            o, d, _, _ = ray_utils.pixel_rays(pix2cam, cam2world, xx, yy)
+            return ray_utils.convert_to_ndc(o, d, ndc['focal'], ndc['w'], ndc['h'])[0]
+        # The last row and column take their neighbour on the other side.
+        x_next = torch.where(x + 1 < w, x + 1, x - 1)
+        y_next = torch.where(y + 1 < h, y + 1, y - 1)
+        viewdirs = directions
+        origins, directions = ray_utils.convert_to_ndc(origins, directions, ndc['focal'], ndc['w'], ndc['h'])
+        dx = torch.linalg.norm(origins - ndc_origin(x, y_next), dim=-1, keepdim=True)
+        dy = torch.linalg.norm(origins - ndc_origin(x_next, y), dim=-1, keepdim=True)
+        radii = 0.5 * (dx + dy) * (2 / math.sqrt(12))
+    ones = torch.ones_like(radii)
+    as_col = lambda v: torch.as_tensor(v, dtype=radii.dtype, device=radii.device)[..., None] * ones
+    return ray_utils.Rays(origins, directions, viewdirs, radii, as_col(lossmult), as_col(near), as_col(far))
+
+
+# ----------------------------------------------------------------------------
+# Blender (nerf_synthetic) and the demo scene.
+
+def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2., far=6., **_):
     """The NeRF synthetic (Blender) format: transforms_{split}.json + RGBA PNGs."""
     meta_path = os.path.join(base_dir, f'transforms_{split}.json')
     meta = _load_json(meta_path)
@@ -126,72 +181,183 @@ def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2., far=6.):
     if len(files) == 0 or cams.shape[1:] != (4, 4):
         raise DataError(f'{meta_path} is malformed: it needs at least one frame with a 4x4 transform_matrix')
 
-    def load(path):
-        return area_downsample(composite(read_image(path), white_bkgd), factor)
-    images = _read_all(files, load)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        first = images[0].shape
-        bad = next(p for p, im in zip(files, images) if im.shape != first)
-        raise DataError(f'image {bad} has size {images[files.index(bad)].shape[:2]}, '
-                        f'but {files[0]} has {first[:2]}: all images of a split must match')
-    images = torch.from_numpy(np.stack(images))
+    images = _same_size(_read_all(files, lambda p: area_downsample(composite(read_image(p), white_bkgd), factor)),
+                        files)
     n, h, w = images.shape[:3]
     focal = 0.5 * w / np.tan(0.5 * camera_angle_x)
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
-    return SceneData(images, focal, pix2cam, torch.from_numpy(cams[:, :3, :4]), near, far)
+    return SceneData(images, pix2cam, torch.from_numpy(cams[:, :3, :4]), near, far)
 
 
-LOADERS = {'blender': load_blender, 'demo': load_blender}
+# ----------------------------------------------------------------------------
+# LLFF (nerf_llff_data).
+
+def llff_image_dir(base_dir, factor):
+    """images_{factor}/, made from images/ by area averaging and cached if missing."""
+    name = f'images_{factor}' if factor > 1 else 'images'
+    folder = os.path.join(base_dir, name)
+    if os.path.isdir(folder):
+        return folder
+    source = os.path.join(base_dir, 'images')
+    if not os.path.isdir(source):
+        raise DataError(f'{folder} is missing and there is no {source} to make it from: re-download the scene')
+    files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
+    tmp = folder + '.partial'
+    os.makedirs(tmp, exist_ok=True)
+    print(f'making {folder} from {len(files)} images in {source} (once)')
+
+    def shrink(f):
+        img = cv2.imread(os.path.join(source, f), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise DataError(f'image {os.path.join(source, f)} is unreadable: re-download the scene')
+        small = cv2.resize(img, (img.shape[1] // factor, img.shape[0] // factor), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(os.path.join(tmp, os.path.splitext(f)[0] + '.png'), small)
+    _read_all(files, shrink)
+    os.replace(tmp, folder)
+    return folder
 
 
-def get_dataset(dataset_name, base_dir, split, factor=0, white_bkgd=None, near=None, far=None):
+def load_llff_poses(base_dir, factor, num_images=None):
+    """Poses and bounds of poses_bounds.npy, scaled and re-centred as the official release.
+
+    Returns cam2world `[N, 3, 4]` (OpenGL axes), bounds `[N, 2]` and the
+    focal length at `factor` (float64 numpy).
+    """
+    path = os.path.join(base_dir, 'poses_bounds.npy')
+    if not os.path.isfile(path):
+        raise DataError(f'{path} is missing: re-download the scene')
+    try:
+        arr = np.load(path).astype(np.float64)
+    except (ValueError, OSError) as e:
+        raise DataError(f'{path} is not a numpy array ({e}): re-download the scene') from None
+    if arr.ndim != 2 or arr.shape[1] != 17:
+        raise DataError(f'{path} has shape {arr.shape}, expected [N, 17] (a 3x5 pose and 2 bounds per image)')
+    if num_images is not None and arr.shape[0] != num_images:
+        raise DataError(f'{path} has {arr.shape[0]} poses but there are {num_images} images')
+    poses = arr[:, :15].reshape(-1, 3, 5)
+    bounds = arr[:, 15:].copy()
+    focal = poses[0, 2, 4] / max(factor, 1)
+    # LLFF stores [down, right, back]; NeRF uses [right, up, back].
+    poses = np.concatenate([poses[:, :, 1:2], -poses[:, :, 0:1], poses[:, :, 2:4]], -1)
+    scale = 1. / (bounds.min() * 0.75)
+    poses[:, :, 3] *= scale
+    bounds *= scale
+    poses = pose_utils.recenter_poses(torch.from_numpy(poses)).numpy()
+    return poses, bounds, focal
+
+
+def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0., far=1., llffhold=8, **_):
+    """LLFF forward-facing scenes: poses_bounds.npy + images_{factor}/, NDC rays."""
+    folder = llff_image_dir(base_dir, factor)
+    files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise DataError(f'{folder} holds no images: re-download the scene')
+    poses, bounds, focal = load_llff_poses(base_dir, factor, len(files))
+    indices = np.arange(len(files))
+    test = indices[::llffhold] if llffhold > 0 else np.array([], dtype=int)
+    keep = test if split == 'test' else np.setdiff1d(indices, test)
+    files = [files[i] for i in keep]
+    images = _same_size(_read_all(files, lambda p: composite(read_image(p), white_bkgd)), files)
+    n, h, w = images.shape[:3]
+    pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
+    all_c2w = torch.from_numpy(poses).float()
+    return SceneData(images, pix2cam, all_c2w[keep], near, far, ndc=dict(focal=float(focal), w=w, h=h),
+                     bounds=torch.from_numpy(bounds).float(), all_cam2world=all_c2w)
+
+
+# ----------------------------------------------------------------------------
+# Multicam (multiscale Blender, made by scripts/convert_blender_data.py).
+
+MULTICAM_KEYS = ('file_path', 'cam2world', 'pix2cam', 'width', 'height', 'lossmult', 'near', 'far')
+
+
+def load_multicam(base_dir, split, white_bkgd=True, **_):
+    """The multiscale Blender format: metadata.json[split] + images of 4 scales."""
+    meta_path = os.path.join(base_dir, 'metadata.json')
+    meta = _load_json(meta_path)
+    if split not in meta:
+        raise DataError(f'{meta_path} has no {split!r} split (it has {sorted(meta)})')
+    m = meta[split]
+    missing = [k for k in MULTICAM_KEYS if k not in m]
+    if missing:
+        raise DataError(f'{meta_path} is malformed: split {split!r} lacks {missing}; '
+                        're-run scripts/convert_blender_data.py')
+    n = len(m['file_path'])
+    try:
+        cam2world = torch.tensor(m['cam2world'], dtype=torch.float32)[:, :3, :4]
+        pix2cam = torch.tensor(m['pix2cam'], dtype=torch.float32)
+        sizes = [(int(hh), int(ww)) for hh, ww in zip(m['height'], m['width'])]
+        lossmult, near, far = (torch.tensor(m[k], dtype=torch.float32) for k in ('lossmult', 'near', 'far'))
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise DataError(f'{meta_path} is malformed ({e}): re-run scripts/convert_blender_data.py') from None
+    if not all(len(v) == n for v in (cam2world, pix2cam, sizes, lossmult, near, far)) or pix2cam.shape[1:] != (3, 3):
+        raise DataError(f'{meta_path} is malformed: the fields of split {split!r} differ in length or shape')
+    files = [os.path.join(base_dir, f) for f in m['file_path']]
+    images = _read_all(files, lambda p: torch.from_numpy(composite(read_image(p), white_bkgd)))
+    for path, im, size in zip(files, images, sizes):
+        if tuple(im.shape[:2]) != size:
+            raise DataError(f'image {path} has size {tuple(im.shape[:2])}, but {meta_path} says {size}')
+    return SceneData(images, pix2cam, cam2world, near, far, lossmult=lossmult, labels=m.get('label'))
+
+
+# ----------------------------------------------------------------------------
+
+LOADERS = {'blender': load_blender, 'demo': load_blender, 'llff': load_llff, 'multicam': load_multicam}
+
+
+def get_dataset(dataset_name, base_dir, split, factor=None, white_bkgd=None, near=None, far=None, llffhold=8):
     """Load one split of a scene; unset options take the dataset's defaults."""
     if dataset_name not in LOADERS:
         raise DataError(f'unknown dataset {dataset_name!r}: use one of {sorted(LOADERS)}')
     if not os.path.isdir(base_dir):
         raise DataError(f'scene folder {base_dir} not found')
     d = config_lib.DATASET_DEFAULTS[dataset_name]
+    pick = lambda v, k: d[k] if v is None else v
     return LOADERS[dataset_name](
-        base_dir, split, factor=factor,
-        white_bkgd=d['white_bkgd'] if white_bkgd is None else white_bkgd,
-        near=d['near'] if near is None else near, far=d['far'] if far is None else far)
+        base_dir, split, factor=pick(factor, 'factor'), white_bkgd=pick(white_bkgd, 'white_bkgd'),
+        near=pick(near, 'near'), far=pick(far, 'far'), llffhold=llffhold)
 
 
 def dataset_from_config(cfg, split):
-    return get_dataset(cfg.dataset_name, cfg.base_dir, split, cfg.factor, cfg.white_bkgd, cfg.near, cfg.far)
+    return get_dataset(cfg.dataset_name, cfg.base_dir, split, cfg.factor, cfg.white_bkgd, cfg.near, cfg.far,
+                       cfg.llffhold)
 
 
 class RaySampler:
     """Random training rays, drawn uniformly from all pixels of all images.
 
     Pixels and cameras live on `device`; each batch is a few index
-    operations and one call of `ray_utils.pixel_rays`, so nothing passes
-    through the host per step. The generator's state is saved with
-    checkpoints for exact resumes.
+    operations and one ray generation, so nothing passes through the host
+    per step. The generator's state is saved with checkpoints for exact
+    resumes.
     """
 
     def __init__(self, data, batch_size, device, seed=0):
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.pixels = data.images.reshape(-1, 3).to(self.device)
-        n, h, w = data.images.shape[:3]
-        self.num_pixels = n * h * w
-        self.h, self.w = h, w
+        self.pixels = torch.cat([im.reshape(-1, 3) for im in data.images]).to(self.device)
+        counts = torch.tensor([h * w for h, w in data.sizes])
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(self.device)
+        self.heights = torch.tensor([h for h, _ in data.sizes], device=self.device)
+        self.widths = torch.tensor([w for _, w in data.sizes], device=self.device)
+        self.num_pixels = int(counts.sum())
         self.pix2cam = data.pix2cam.to(self.device)
         self.cam2world = data.cam2world.to(self.device)
         self.near, self.far = data.near.to(self.device), data.far.to(self.device)
         self.lossmult = data.lossmult.to(self.device)
+        self.ndc = data.ndc
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(seed)
 
     def sample(self):
         """Returns (Rays of `[B, C]`, target colours `[B, 3]`), on the device."""
         idx = torch.randint(self.num_pixels, (self.batch_size,), device=self.device, generator=self.generator)
-        img, pix = idx // (self.h * self.w), idx % (self.h * self.w)
-        y, x = pix // self.w, pix % self.w
-        rays = make_rays(self.pix2cam[img], self.cam2world[img], x, y,
-                         self.near[img], self.far[img], self.lossmult[img])
+        img = torch.searchsorted(self.starts, idx, right=True) - 1
+        pix = idx - self.starts[img]
+        w = self.widths[img]
+        y, x = pix // w, pix % w
+        rays = make_rays(self.pix2cam[img], self.cam2world[img], x, y, self.heights[img], w,
+                         self.near[img], self.far[img], self.lossmult[img], self.ndc)
         return rays, self.pixels[idx]
 
     def state_dict(self):

@@ -54,3 +54,80 @@ def spherical_pose(azimuth_deg, elevation_deg, radius, dtype=torch.float32, devi
     vertical = (torch.cos(el).abs() < 1e-6)[..., None]
     up = torch.where(vertical, alt_up, up)
     return look_at(eye, torch.zeros_like(eye), up)
+
+
+def viewmatrix(back, up, position):
+    """A pose `[..., 3, 4]` whose +z axis is `back`, with +y as close to `up` as possible."""
+    z = normalize(back)
+    x = normalize(torch.linalg.cross(up, z, dim=-1))
+    y = normalize(torch.linalg.cross(z, x, dim=-1))
+    return torch.stack([x, y, z, position], dim=-1)
+
+
+def poses_avg(poses):
+    """The average pose of `[N, 3, 4]` poses, as the official release: mean
+    centre, normalized summed +z axis, summed +y axis as up. Returns `[3, 4]`."""
+    return viewmatrix(poses[:, :, 2].sum(0), poses[:, :, 1].sum(0), poses[:, :, 3].mean(0))
+
+
+def to_homogeneous(poses):
+    """`[..., 3, 4]` -> `[..., 4, 4]`."""
+    bottom = torch.zeros(poses.shape[:-2] + (1, 4), dtype=poses.dtype, device=poses.device)
+    bottom[..., 0, 3] = 1
+    return torch.cat([poses, bottom], dim=-2)
+
+
+def recenter_poses(poses):
+    """Express `[N, 3, 4]` poses in the frame of their average pose."""
+    avg = to_homogeneous(poses_avg(poses))
+    return (torch.linalg.inv(avg) @ to_homogeneous(poses))[:, :3, :4]
+
+
+def spherical_path(n_frames, radius, elevation_deg=30., dtype=torch.float32, device=None):
+    """A 360-degree orbit around the origin at `radius`, `elevation_deg` above the
+    xy-plane (Blender and Multicam scenes, z up). Returns `[n_frames, 3, 4]`."""
+    azimuth = torch.linspace(0., 360., n_frames + 1, dtype=torch.float64)[:-1]
+    return spherical_pose(azimuth, torch.full_like(azimuth, elevation_deg), radius).to(dtype=dtype, device=device)
+
+
+def zoom_path(n_frames, radius_near, radius_far, elevation_deg=30., n_rots=1.):
+    """An orbit whose distance to the origin swings from `radius_far` to
+    `radius_near` and back (geometrically, so the pixel footprint on the object
+    changes at a steady rate): one zoom in and out over `n_rots` turns.
+    Returns `[n_frames, 3, 4]`."""
+    s = torch.arange(n_frames, dtype=torch.float64) / n_frames
+    blend = 0.5 * (1 - torch.cos(2 * math.pi * s))        # 0 -> 1 -> 0
+    radius = radius_far * (radius_near / radius_far) ** blend
+    azimuth = 360. * n_rots * s
+    poses = spherical_pose(azimuth, torch.full_like(azimuth, elevation_deg), 1.0, dtype=torch.float64)
+    poses[:, :, 3] *= radius[:, None]
+    return poses.float()
+
+
+def spiral_path(poses, bounds, n_frames=120, n_rots=2, zrate=0.5):
+    """The official forward-facing spiral (LLFF): around the average pose, with
+    radii the 90th percentile of the camera offsets, looking at a focus depth
+    between the nearest and (5 x) farthest bounds.
+
+    Args:
+      poses: `[N, 3, 4]` re-centred poses; bounds: `[N, 2]` depth bounds.
+
+    Returns:
+      `[n_frames, 3, 4]` poses.
+    """
+    poses, bounds = poses.double(), bounds.double()
+    c2w = poses_avg(poses)
+    up = normalize(poses[:, :, 1].sum(0))
+    close_depth, inf_depth = bounds.min() * 0.9, bounds.max() * 5.
+    dt = 0.75
+    focus = 1. / ((1. - dt) / close_depth + dt / inf_depth)
+    rads = torch.quantile(poses[:, :, 3].abs(), 0.9, dim=0)
+    rads = torch.cat([rads, torch.ones(1, dtype=rads.dtype)])
+    out = []
+    for theta in torch.linspace(0., 2. * math.pi * n_rots, n_frames + 1, dtype=torch.float64)[:-1]:
+        offset = torch.stack([torch.cos(theta), -torch.sin(theta), -torch.sin(theta * zrate),
+                              torch.ones((), dtype=theta.dtype)]) * rads
+        centre = c2w @ offset
+        target = c2w @ torch.tensor([0., 0., -focus, 1.], dtype=c2w.dtype)
+        out.append(viewmatrix(centre - target, up, centre))
+    return torch.stack(out).float()

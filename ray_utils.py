@@ -81,6 +81,31 @@ def pinhole_pix2cam(focal, width, height, dtype=torch.float32, device=None):
                          [0, 0, -1]], dtype=dtype, device=device)
 
 
+def convert_to_ndc(origins, directions, focal, width, height, near=1.):
+    """Warp world-space rays of a forward-facing camera into NDC (NeRF App. C).
+
+    Origins are first moved along their rays to the plane z = -near; the
+    frustum z in [-near, -inf) maps to [-1, 1), so NDC origins lie on z = -1
+    and o + d on z = 1.
+
+    Args:
+      origins, directions: `[..., 3]` in the re-centred world, where the
+        cameras look down -z.
+      focal, width, height: the pinhole camera the rays came from.
+
+    Returns:
+      ndc origins `[..., 3]`, ndc directions `[..., 3]`.
+    """
+    t = -(near + origins[..., 2]) / directions[..., 2]
+    origins = origins + t[..., None] * directions
+    ox, oy, oz = origins.unbind(-1)
+    dx, dy, dz = directions.unbind(-1)
+    fx, fy = 2 * focal / width, 2 * focal / height
+    o = torch.stack([-fx * ox / oz, -fy * oy / oz, 1 + 2 * near / oz], -1)
+    d = torch.stack([-fx * (dx / dz - ox / oz), -fy * (dy / dz - oy / oz), -2 * near / oz], -1)
+    return o, d
+
+
 # ----------------------------------------------------------------------------
 # Gaussians of conical frustums and cylinders (Sec. 3.1, Eq. 7 and App. A).
 

@@ -36,3 +36,37 @@ def tiny_demo(tmp_path_factory):
 # A network small enough for tests to train in seconds on a CPU.
 TINY_NET = ['--num_samples', '8', '--net_depth', '2', '--net_width', '32', '--skip_layer', '1',
             '--net_width_condition', '16', '--max_deg_point', '6', '--deg_view', '2']
+
+
+def make_blender_subset(src, dst, counts):
+    """A nerf_synthetic scene holding the first `counts[split]` frames of `src` (images linked)."""
+    import json
+    os.makedirs(dst)
+    for split, n in counts.items():
+        with open(os.path.join(src, f'transforms_{split}.json')) as f:
+            meta = json.load(f)
+        meta['frames'] = meta['frames'][:n]
+        os.makedirs(os.path.join(dst, split))
+        for frame in meta['frames']:
+            name = frame['file_path'] + '.png'
+            os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
+        with open(os.path.join(dst, f'transforms_{split}.json'), 'w') as f:
+            json.dump(meta, f)
+    return dst
+
+
+@pytest.fixture(scope='session')
+def lego_subset(tmp_path_factory):
+    """The real lego with 3 training and 2 test views (no val split)."""
+    if not os.path.isdir(LEGO):
+        pytest.skip(f'real lego scene not found at {LEGO}')
+    return make_blender_subset(LEGO, str(tmp_path_factory.mktemp('lego') / 'lego'), {'train': 3, 'test': 2})
+
+
+@pytest.fixture(scope='session')
+def lego_multicam(lego_subset, tmp_path_factory):
+    """lego_subset converted by scripts/convert_blender_data.py."""
+    from scripts.convert_blender_data import convert_scene
+    out = str(tmp_path_factory.mktemp('multiscale') / 'lego')
+    convert_scene(lego_subset, out, verbose=False)
+    return out

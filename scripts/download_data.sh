@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Fetch every dataset of the paper into DATA_DIR (first argument, default data):
+# nerf_synthetic/, nerf_llff_data/ and nerf_multiscale/. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_DIR=${1:-data}
+bash scripts/download_blender.sh "$DATA_DIR"
+bash scripts/download_llff.sh "$DATA_DIR"
+bash scripts/download_multicam.sh "$DATA_DIR"
+echo "all datasets are in $DATA_DIR"
