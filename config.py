@@ -138,7 +138,7 @@ def build_parser():
     flag('--log_dir', default=None, help='run folder (default: log/<scene>)')
     flag('--log_every', type=int, default=100, help='steps between TensorBoard scalars')
     flag('--render_every', type=int, default=5000, help='steps between rendered test views in TensorBoard (0: never)')
-    flag('--eval_every', type=int, default=50000, help='steps between test-set PSNR (0: never)')
+    flag('--eval_every', type=int, default=50000, help='steps between test-set PSNR, and at the end on all views (0: never)')
     flag('--eval_views', type=int, default=0, help='test views used by eval_every, evenly spaced (0: all)')
     flag('--save_every', type=int, default=10000, help='steps between checkpoints (0: only at the end)')
     flag('--keep_checkpoints', type=int, default=5, help='checkpoints kept in log_dir')
@@ -179,10 +179,14 @@ def validate(cfg, need_data=True):
     if need_data and cfg.dataset_name != 'demo' and not os.path.isdir(cfg.base_dir):
         _, script, _ = DATASETS[cfg.dataset_name]
         raise ConfigError(f'scene folder {cfg.base_dir} not found: run {script} (or pass --data_dir/--scene/--base_dir)')
-    if cfg.device not in ('auto', 'cpu') and not cfg.device.startswith('cuda'):
-        raise ConfigError(f'--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}')
-    if cfg.device.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f'--device {cfg.device}: CUDA is not available here; use --device cpu or auto')
+    validate_device(cfg.device)
+
+
+def validate_device(name):
+    if name not in ('auto', 'cpu') and not name.startswith('cuda'):
+        raise ConfigError(f'--device must be auto, cpu, cuda or cuda:N, got {name!r}')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f'--device {name}: CUDA is not available here; use --device cpu or auto')
 
 
 def get_config(argv=None, need_data=True):

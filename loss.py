@@ -36,3 +36,46 @@ def mipnerf_loss(levels, target, lossmult, coarse_loss_mult=0.1):
     loss = coarse_loss_mult * mses[:-1].sum() + mses[-1]
     mses = mses.detach()
     return loss, mses, mse_to_psnr(mses)
+
+
+def ssim(img0, img1):
+    """SSIM of two `[H, W, 3]` images in [0, 1], as the paper reports it.
+
+    scikit-image's implementation with the settings of the official release
+    (Gaussian window of std 1.5 truncated to 11x11, K1 = 0.01, K2 = 0.03,
+    population covariances, mean over the valid region and the channels).
+    """
+    from skimage.metrics import structural_similarity
+    a, b = (x.detach().float().cpu().numpy() if torch.is_tensor(x) else x for x in (img0, img1))
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False))
+
+
+class LPIPS:
+    """LPIPS (AlexNet) through the `lpips` package, when it and its weights load.
+
+    `available` tells whether it did; `note` says why not otherwise.
+    """
+
+    def __init__(self, device='cpu'):
+        self.fn, self.note = None, ''
+        try:
+            import lpips
+            self.fn = lpips.LPIPS(net='alex', verbose=False).to(device).eval()
+        except Exception as e:  # not installed, or weights not downloadable
+            self.note = f'LPIPS skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
+        self.device = device
+
+    @property
+    def available(self):
+        return self.fn is not None
+
+    @torch.no_grad()
+    def __call__(self, img0, img1):
+        to = lambda x: (x.float().to(self.device).permute(2, 0, 1)[None] * 2 - 1)
+        return float(self.fn(to(img0), to(img1)))
+
+
+def average_error(mse, ssim_value, lpips_value):
+    """The paper's 'average error': geometric mean of MSE, sqrt(1 - SSIM) and LPIPS."""
+    return math.exp((math.log(mse) + math.log(math.sqrt(max(1 - ssim_value, 1e-12))) + math.log(lpips_value)) / 3)

@@ -5,8 +5,11 @@ Architecture and defaults follow the paper and the official release
 `MipNeRF.from_config` or `load_checkpoint`, so a checkpoint alone is enough to
 rebuild it.
 """
+import argparse
+import contextlib
 import dataclasses
 import os
+import re
 
 import torch
 from torch import nn
@@ -142,14 +145,18 @@ class MipNeRF(nn.Module):
     def from_config(cls, cfg):
         return cls(ModelArgs.from_config(cfg), randomized=cfg.randomized)
 
-    def forward(self, rays):
+    def forward(self, rays, normals=False):
         """Render a batch of rays through every level.
 
         Args:
           rays: `ray_utils.Rays` with leading shape `[...]`.
+          normals: also return, for the last level, the surface normal
+            composited with the rendering weights: the normalized negative
+            gradient of the density with respect to the Gaussians' means.
 
         Returns:
-          [(rgb `[..., 3]`, distance `[...]`, acc `[...]`) per level], coarse first.
+          [(rgb `[..., 3]`, distance `[...]`, acc `[...]`) per level], coarse
+          first; with `normals` the last tuple ends with normals `[..., 3]`.
         """
         a = self.args
         randomized = self.randomized and self.training
@@ -164,29 +171,46 @@ class MipNeRF(nn.Module):
                 t_vals, (mean, cov) = ray_utils.resample_along_rays(
                     rays.origins, rays.directions, rays.radii, t_vals, weights,
                     randomized, a.ray_shape, a.resample_padding, a.stop_level_grad)
-            if a.disable_integration:
-                cov = torch.zeros_like(cov)
-            x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
-            raw_rgb, raw_density = self.mlp(x, view_enc)
-            if randomized and a.density_noise > 0:
-                raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
-            rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding
-            density = F.softplus(raw_density + a.density_bias)
+            want_normals = normals and level == a.num_levels - 1
+            with torch.enable_grad() if want_normals else contextlib.nullcontext():
+                if want_normals:
+                    mean = mean.detach().requires_grad_(True)
+                rgb, density = self.query(mean, cov, view_enc, randomized)
+                if want_normals:
+                    grad, = torch.autograd.grad(density.sum(), mean)
             comp_rgb, distance, acc, weights = ray_utils.volumetric_rendering(
-                rgb, density, t_vals, rays.directions, a.white_bkgd)
-            ret.append((comp_rgb, distance, acc))
+                rgb, density.detach() if want_normals else density, t_vals, rays.directions, a.white_bkgd)
+            out = (comp_rgb, distance, acc)
+            if want_normals:
+                n = -grad / torch.linalg.norm(grad, dim=-1, keepdim=True).clamp_min(1e-12)
+                out = out + ((weights[..., None] * n).sum(-2),)
+            ret.append(out)
         return ret
 
+    def query(self, mean, cov, view_enc, randomized=False):
+        """Colour `[..., S, 3]` and density `[..., S]` of Gaussians (mean, cov_diag `[..., S, 3]`)."""
+        a = self.args
+        if a.disable_integration:
+            cov = torch.zeros_like(cov)
+        x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
+        raw_rgb, raw_density = self.mlp(x, view_enc)
+        if randomized and a.density_noise > 0:
+            raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
+        rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding
+        return rgb, F.softplus(raw_density + a.density_bias)
+
     @torch.no_grad()
-    def render_image(self, rays, chunk=8192):
+    def render_image(self, rays, chunk=8192, normals=False):
         """Render the fine level of a whole image, deterministically, in chunks.
 
         Args:
           rays: `Rays` of `[H, W, C]` tensors (any device: chunks are moved to
             the model's device).
+          normals: also render composited normals (see `forward`).
 
         Returns:
-          rgb `[H, W, 3]`, distance `[H, W]`, acc `[H, W]` on the model's device.
+          rgb `[H, W, 3]`, distance `[H, W]`, acc `[H, W]` (and normals
+          `[H, W, 3]`) on the model's device.
         """
         was_training = self.training
         self.eval()
@@ -197,11 +221,18 @@ class MipNeRF(nn.Module):
             outs = []
             for i in range(0, flat.origins.shape[0], chunk):
                 chunk_rays = ray_utils.namedtuple_map(lambda r: r[i:i + chunk].to(device), flat)
-                outs.append(self(chunk_rays)[-1])
-            rgb, distance, acc = (torch.cat(o, 0) for o in zip(*outs))
-            return rgb.reshape(shape + (3,)), distance.reshape(shape), acc.reshape(shape)
+                outs.append(self(chunk_rays, normals=normals)[-1])
+            return tuple(torch.cat(o, 0).reshape(shape + o[0].shape[1:]) for o in zip(*outs))
         finally:
             self.train(was_training)
+
+
+def list_checkpoints(log_dir):
+    """Checkpoints `ckpt_<step>.pt` in log_dir, oldest first."""
+    if not os.path.isdir(log_dir):
+        return []
+    names = [n for n in os.listdir(log_dir) if re.fullmatch(r'ckpt_\d+\.pt', n)]
+    return [os.path.join(log_dir, n) for n in sorted(names)]
 
 
 def load_checkpoint(path, device='cpu'):
@@ -215,3 +246,17 @@ def load_checkpoint(path, device='cpu'):
     model = MipNeRF(ModelArgs(**ckpt['model_args']), randomized=False)
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval(), ckpt
+
+
+def load_run(path, device='cpu'):
+    """A trained run from its folder (latest checkpoint) or a checkpoint file.
+
+    Returns (model in eval mode, the run's config as a Namespace, checkpoint dict).
+    """
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f'no checkpoint (ckpt_*.pt) in {path}: train first, or pass a checkpoint file')
+        path = found[-1]
+    model, ckpt = load_checkpoint(path, device)
+    return model, argparse.Namespace(**ckpt['config']), ckpt

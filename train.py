@@ -11,10 +11,8 @@ the model arguments and the config, so every script rebuilds the model from
 them.
 """
 import dataclasses
-import glob
 import json
 import os
-import re
 import sys
 import time
 
@@ -25,8 +23,9 @@ from tqdm import tqdm
 import config as config_lib
 import datasets
 from loss import mipnerf_loss, mse_to_psnr
-from model import MipNeRF
+from model import MipNeRF, list_checkpoints
 from scheduler import make_scheduler
+from visualize import colorize_depth
 
 
 # ----------------------------------------------------------------------------
@@ -34,12 +33,6 @@ from scheduler import make_scheduler
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f'ckpt_{step:07d}.pt')
-
-
-def list_checkpoints(log_dir):
-    """Checkpoints in log_dir, oldest first."""
-    paths = glob.glob(os.path.join(log_dir, 'ckpt_*.pt'))
-    return sorted(p for p in paths if re.fullmatch(r'ckpt_\d+\.pt', os.path.basename(p)))
 
 
 def save_checkpoint(path, state):
@@ -98,11 +91,6 @@ def evaluate(model, data, indices, chunk):
     return sum(psnrs) / len(psnrs), psnrs, renders
 
 
-def depth_image(distance, near, far):
-    """Distance `[H, W]` -> grey image in [0, 1] (near is white)."""
-    return (1 - (distance - near) / (far - near)).clamp(0, 1)
-
-
 # ----------------------------------------------------------------------------
 
 def fail(message):
@@ -135,7 +123,7 @@ def main(argv=None):
     if cfg.resume:
         path = cfg.resume
         if path == 'latest':
-            found = list_checkpoints(cfg.log_dir) if os.path.isdir(cfg.log_dir) else []
+            found = list_checkpoints(cfg.log_dir)
             path = found[-1] if found else None
             if path is None:
                 print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
@@ -211,12 +199,12 @@ def main(argv=None):
                 rgb, distance, acc = model.render_image(test_data.rays_of_image(i), cfg.chunk)
                 writer.add_image('test/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
                 writer.add_image('test/target', test_data.images[i], step, dataformats='HWC')
-                writer.add_image('test/depth', depth_image(distance, cfg.near, cfg.far).cpu(), step, dataformats='HW')
+                writer.add_image('test/depth', colorize_depth(distance, cfg.near, cfg.far, acc), step, dataformats='HWC')
                 writer.add_image('test/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
 
             out_of_time = cfg.max_minutes > 0 and t_eval - t_start - eval_seconds > 60 * cfg.max_minutes
             last = step == cfg.max_steps or out_of_time
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                 # A subset of views (--eval_views) during training; all of them at the end.
                 indices = eval_view_indices(len(test_data), 0 if last else cfg.eval_views)
                 psnr, _, _ = evaluate(model, test_data, indices, cfg.chunk)

@@ -94,6 +94,46 @@ def shade(o, d):
     return albedo * light[..., None], hit
 
 
+def surface_points(n, seed=0):
+    """About n points spread uniformly over the surfaces the cameras can see, `[M, 3]`.
+
+    The balls and the pedestal's top and sides, minus the parts hidden inside
+    another primitive; the pedestal's bottom is never seen (all cameras are
+    above it) and is left out.
+    """
+    rng = np.random.default_rng(seed)
+    (c0, r0), (c1, r1) = BALL, SMALL_BALL
+    lo, hi = BOX
+    size = hi - lo
+    areas = {'ball': 4 * np.pi * r0 ** 2, 'small': 4 * np.pi * r1 ** 2, 'top': size[0] * size[1],
+             'sides': 2 * (size[0] + size[1]) * size[2]}
+    total = sum(areas.values())
+    pts = []
+    for name, area in areas.items():
+        k = int(round(n * area / total))
+        if name in ('ball', 'small'):
+            c, r = (c0, r0) if name == 'ball' else (c1, r1)
+            v = rng.normal(size=(k, 3))
+            pts.append(c + r * v / np.linalg.norm(v, axis=1, keepdims=True))
+        elif name == 'top':
+            pts.append(np.stack([rng.uniform(lo[0], hi[0], k), rng.uniform(lo[1], hi[1], k), np.full(k, hi[2])], 1))
+        else:   # perimeter position along the four sides, then height
+            s = rng.uniform(0, 2 * (size[0] + size[1]), k)
+            z = rng.uniform(lo[2], hi[2], k)
+            x = np.select([s < size[0], s < size[0] + size[1], s < 2 * size[0] + size[1]],
+                          [lo[0] + s, np.full(k, hi[0]), hi[0] - (s - size[0] - size[1])], np.full(k, lo[0]))
+            y = np.select([s < size[0], s < size[0] + size[1], s < 2 * size[0] + size[1]],
+                          [np.full(k, lo[1]), lo[1] + (s - size[0]), np.full(k, hi[1])],
+                          hi[1] - (s - 2 * size[0] - size[1]))
+            pts.append(np.stack([x, y, z], 1))
+    p = np.concatenate(pts)
+    eps = 1e-9
+    inside_box = np.all((p > lo + eps) & (p < hi - eps), axis=1)
+    inside_ball = np.linalg.norm(p - c0, axis=1) < r0 - eps
+    inside_small = np.linalg.norm(p - c1, axis=1) < r1 - eps
+    return p[~(inside_box | inside_ball | inside_small)]
+
+
 def render(c2w, size, supersample=4):
     """An RGBA float image `[size, size, 4]` (straight alpha) from pose `[3, 4]`."""
     focal = 0.5 * size / np.tan(0.5 * CAMERA_ANGLE_X)

@@ -12,7 +12,7 @@ from conftest import FERN, TINY_NET, needs_fern
 def run(config, base_dir, log_dir, *extra):
     train.main(['--config', config, '--base_dir', base_dir, '--log_dir', str(log_dir), '--device', 'cpu',
                 '--max_steps', '60', '--batch_size', '256', '--lr_init', '5e-3', '--lr_final', '1e-3',
-                '--lr_delay_steps', '5', '--log_every', '10', '--render_every', '60', '--eval_every', '0', *TINY_NET, *extra])
+                '--lr_delay_steps', '5', '--log_every', '10', '--render_every', '60', '--eval_every', '60', *TINY_NET, *extra])
     with open(os.path.join(log_dir, 'eval.jsonl')) as f:
         last = [json.loads(line) for line in f][-1]
     assert last['step'] == 60 and os.path.isfile(os.path.join(log_dir, 'ckpt_0000060.pt'))

@@ -1,0 +1,137 @@
+"""Evaluate a trained run on its test split: images and PSNR / SSIM (/ LPIPS).
+
+    python eval.py --log_dir log/lego
+    python eval.py --log_dir log/lego --ckpt log/lego/ckpt_0500000.pt --split val
+
+Renders every image of the split deterministically, writes color_NNN.png,
+depth_NNN.png and acc_NNN.png, and metrics.json with per-image and mean
+metrics, into <log_dir>/eval_<split>_<step>/ (renamed into place when
+complete), and prints a table. For Multicam scenes the table has one column
+per scale, in the layout of the paper's multiscale table. LPIPS needs the
+`lpips` package and its weights; without them a one-line note says so.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+from tqdm import tqdm
+
+import config as config_lib
+import datasets
+from loss import LPIPS, average_error, mse_to_psnr, ssim
+from model import load_run
+from visualize import colorize_depth, to_uint8, write_png
+
+SCALE_NAMES = ['Full Res.', '1/2 Res.', '1/4 Res.', '1/8 Res.']
+
+
+def image_metrics(rgb, target, lpips_fn=None):
+    """PSNR, SSIM, MSE (and LPIPS) of one rendered image against its target."""
+    mse = float(((rgb - target) ** 2).mean())
+    out = {'psnr': mse_to_psnr(mse) if mse > 0 else math.inf, 'ssim': ssim(rgb, target), 'mse': mse}
+    if lpips_fn is not None and lpips_fn.available:
+        out['lpips'] = lpips_fn(rgb, target)
+    return out
+
+
+def summarize(rows):
+    """Mean of each metric over rows; PSNR as the mean of per-image PSNRs (as the paper)."""
+    keys = [k for k in ('psnr', 'ssim', 'lpips', 'mse') if all(k in r for r in rows)]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    if 'lpips' in mean:
+        mean['avg_error'] = average_error(sum(r['mse'] for r in rows) / len(rows), mean['ssim'], mean['lpips'])
+    return mean
+
+
+def format_table(metrics):
+    """A markdown table: per image and mean, or per scale for Multicam."""
+    has_lpips = 'lpips' in metrics['mean']
+    if 'per_scale' in metrics:
+        scales = sorted(metrics['per_scale'], key=int)
+        cols = [(m, s) for m in ('psnr', 'ssim') + (('lpips',) if has_lpips else ()) for s in scales]
+        head = ' | '.join(f'{m.upper()} {SCALE_NAMES[int(s)] if int(s) < 4 else s}' for m, s in cols)
+        vals = ' | '.join(f"{metrics['per_scale'][s][m]:.{2 if m == 'psnr' else 3}f}" for m, s in cols)
+        if has_lpips:
+            head += ' | Avg. error'
+            vals += f" | {metrics['mean']['avg_error']:.4f}"
+        return f'| {head} |\n|{"---|" * (len(cols) + has_lpips)}\n| {vals} |'
+    lines = ['| image | PSNR | SSIM |' + (' LPIPS |' if has_lpips else ''),
+             '|---|---|---|' + ('---|' if has_lpips else '')]
+    for r in metrics['images'] + [dict(metrics['mean'], index='mean')]:
+        lines.append(f"| {r['index']} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+                     + (f" {r['lpips']:.4f} |" if has_lpips else ''))
+    return '\n'.join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description='Evaluate a trained mip-NeRF on its test split.')
+    p.add_argument('--log_dir', required=True, help='run folder (its latest checkpoint is used)')
+    p.add_argument('--ckpt', default=None, help='a checkpoint file instead of the latest one')
+    p.add_argument('--base_dir', default=None, help='scene folder, if it moved since training')
+    p.add_argument('--split', default='test', help='split to evaluate')
+    p.add_argument('--out_dir', default=None, help='output folder (default: <log_dir>/eval_<split>_<step>)')
+    p.add_argument('--chunk', type=int, default=8192, help='rays per forward pass')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    return p
+
+
+def fail(message):
+    sys.stderr.write(f'eval.py: error: {message}\n')
+    sys.exit(2)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.chunk <= 0:
+        fail(f'--chunk must be positive, got {args.chunk}')
+    try:
+        config_lib.validate_device(args.device)
+        device = config_lib.resolve_device(args.device)
+        model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
+        if args.base_dir:
+            cfg.base_dir = args.base_dir
+        data = datasets.dataset_from_config(cfg, args.split)
+    except (FileNotFoundError, datasets.DataError, config_lib.ConfigError) as e:
+        fail(e)
+    step = ckpt['step']
+    out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{step:07d}')
+    tmp = out_dir.rstrip('/') + '.partial'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lpips_fn = LPIPS(device)
+    if not lpips_fn.available:
+        print(lpips_fn.note)
+
+    rows = []
+    for i in tqdm(range(len(data)), desc=f'eval {args.split}', dynamic_ncols=True):
+        rgb, distance, acc = model.render_image(data.rays_of_image(i), args.chunk)
+        target = data.images[i].to(rgb.device)
+        row = {'index': i, 'label': int(data.labels[i]), **image_metrics(rgb, target, lpips_fn)}
+        rows.append(row)
+        write_png(os.path.join(tmp, f'color_{i:03d}.png'), to_uint8(rgb))
+        write_png(os.path.join(tmp, f'depth_{i:03d}.png'), colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc))
+        write_png(os.path.join(tmp, f'acc_{i:03d}.png'), to_uint8(acc))
+
+    metrics = {'step': step, 'split': args.split, 'checkpoint': args.ckpt or args.log_dir,
+               'images': rows, 'mean': summarize(rows)}
+    if not lpips_fn.available:
+        metrics['lpips_note'] = lpips_fn.note
+    labels = sorted({r['label'] for r in rows})
+    if len(labels) > 1:
+        metrics['per_scale'] = {str(s): summarize([r for r in rows if r['label'] == s]) for s in labels}
+    with open(os.path.join(tmp, 'metrics.json'), 'w') as f:
+        json.dump(metrics, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    print(format_table(metrics))
+    m = metrics['mean']
+    print(f"{args.split} at step {step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}"
+          + (f", LPIPS {m['lpips']:.4f}" if 'lpips' in m else '') + f' over {len(rows)} images; wrote {out_dir}')
+
+
+if __name__ == '__main__':
+    main()
