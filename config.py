@@ -132,6 +132,9 @@ def build_parser():
     flag('--max_minutes', type=float, default=0., help='stop after this many minutes of training (0: no limit)')
     flag('--seed', type=int, default=0, help='random seed')
     flag('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
+    flag('--precision', default='fp32', choices=['fp32', 'tf32', 'bf16'],
+         help='matrix precision: fp32, tf32 (CUDA), or bf16 (MLP under bfloat16 autocast; the rest float32)')
+    boolean('--compile', False, 'torch.compile the MLP')
 
     g = p.add_argument_group('logging and checkpoints')
     flag = g.add_argument

@@ -62,15 +62,22 @@ def grid_to_mesh(grid, bbox_min, bbox_max, threshold):
 
 
 def remove_small_components(mesh, min_fraction):
-    """Drop connected pieces with fewer faces than min_fraction of the largest piece."""
+    """Drop connected pieces with fewer faces than min_fraction of the largest piece.
+
+    Works on face labels (no per-piece meshes), so noisy meshes with
+    thousands of floaters stay cheap.
+    """
     if len(mesh.faces) == 0 or min_fraction <= 0:
         return mesh
-    parts = mesh.split(only_watertight=False)
-    if len(parts) <= 1:
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    counts = np.bincount(labels)
+    keep = counts[labels] >= min_fraction * counts.max()
+    if keep.all():
         return mesh
-    largest = max(len(p.faces) for p in parts)
-    keep = [p for p in parts if len(p.faces) >= min_fraction * largest]
-    return trimesh.util.concatenate(keep)
+    mesh = mesh.copy()
+    mesh.update_faces(keep)
+    mesh.remove_unreferenced_vertices()
+    return mesh
 
 
 def model_fns(model, voxel_size):

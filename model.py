@@ -136,6 +136,8 @@ class MipNeRF(nn.Module):
         super().__init__()
         self.args = args if args is not None else ModelArgs(**kwargs)
         self.randomized = randomized
+        # Run the MLP under bfloat16 autocast; sampling, IPE and compositing stay float32.
+        self.bf16 = False
         a = self.args
         x_dim = 2 * 3 * (a.max_deg_point - a.min_deg_point)
         cond_dim = 3 + 2 * 3 * a.deg_view if a.use_viewdirs else 0
@@ -143,7 +145,19 @@ class MipNeRF(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(ModelArgs.from_config(cfg), randomized=cfg.randomized)
+        model = cls(ModelArgs.from_config(cfg), randomized=cfg.randomized)
+        model.set_precision(getattr(cfg, 'precision', 'fp32'))
+        return model
+
+    def set_precision(self, precision):
+        """'fp32' (exact float32 matrix products), 'tf32' (TensorFloat-32 matrix
+        products on CUDA) or 'bf16' (the MLP under bfloat16 autocast)."""
+        if precision not in ('fp32', 'tf32', 'bf16'):
+            raise ValueError(f'precision must be fp32, tf32 or bf16, got {precision!r}')
+        self.bf16 = precision == 'bf16'
+        torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
+        torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+        return self
 
     def forward(self, rays, normals=False):
         """Render a batch of rays through every level.
@@ -193,7 +207,12 @@ class MipNeRF(nn.Module):
         if a.disable_integration:
             cov = torch.zeros_like(cov)
         x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
-        raw_rgb, raw_density = self.mlp(x, view_enc)
+        if self.bf16:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                raw_rgb, raw_density = self.mlp(x, view_enc)
+            raw_rgb, raw_density = raw_rgb.float(), raw_density.float()
+        else:
+            raw_rgb, raw_density = self.mlp(x, view_enc)
         if randomized and a.density_noise > 0:
             raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
         rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding

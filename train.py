@@ -81,14 +81,12 @@ def eval_view_indices(n, eval_views):
 
 @torch.no_grad()
 def evaluate(model, data, indices, chunk):
-    """Mean over views of the per-view PSNR of the fine level, and the renders."""
-    psnrs, renders = [], []
+    """Mean over the views of the per-view PSNR of the fine level."""
+    psnrs = []
     for i in indices:
-        rgb, distance, acc = model.render_image(data.rays_of_image(i), chunk)
-        target = data.images[i].to(rgb.device)
-        psnrs.append(float(mse_to_psnr(((rgb - target) ** 2).mean())))
-        renders.append((rgb, distance, acc))
-    return sum(psnrs) / len(psnrs), psnrs, renders
+        rgb = model.render_image(data.rays_of_image(i), chunk)[0]
+        psnrs.append(float(mse_to_psnr(((rgb - data.images[i].to(rgb.device)) ** 2).mean())))
+    return sum(psnrs) / len(psnrs)
 
 
 # ----------------------------------------------------------------------------
@@ -114,12 +112,13 @@ def main(argv=None):
         fail(e)
 
     model = MipNeRF.from_config(cfg).to(device)
+    if cfg.compile:
+        model.mlp.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
     scheduler = make_scheduler(optimizer, cfg)
     sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed)
     step = 0
 
-    ckpt = None
     if cfg.resume:
         path = cfg.resume
         if path == 'latest':
@@ -207,7 +206,7 @@ def main(argv=None):
             if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                 # A subset of views (--eval_views) during training; all of them at the end.
                 indices = eval_view_indices(len(test_data), 0 if last else cfg.eval_views)
-                psnr, _, _ = evaluate(model, test_data, indices, cfg.chunk)
+                psnr = evaluate(model, test_data, indices, cfg.chunk)
                 writer.add_scalar('test/psnr', psnr, step)
                 with open(eval_log, 'a') as f:   # seconds since this process started
                     f.write(json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),

@@ -1,11 +1,15 @@
 """The download scripts, offline: curl fetches file:// archives made here."""
 import os
+import shutil
 import subprocess
 import zipfile
 
 import pytest
 
 from conftest import REPO
+
+needs_tools = pytest.mark.skipif(not (shutil.which('curl') and shutil.which('unzip')),
+                                 reason='curl and unzip are needed')
 
 BLENDER = 'chair drums ficus hotdog lego materials mic ship'.split()
 LLFF = 'fern flower fortress horns leaves orchids room trex'.split()
@@ -36,6 +40,7 @@ def test_scripts_parse(script):
     assert subprocess.run(['bash', '-n', os.path.join(REPO, 'scripts', script)]).returncode == 0
 
 
+@needs_tools
 def test_blender_download_unpacks_checks_and_is_idempotent(tmp_path):
     url = make_zip(tmp_path / 'ns.zip', blender_files())
     data = tmp_path / 'data'
@@ -48,6 +53,7 @@ def test_blender_download_unpacks_checks_and_is_idempotent(tmp_path):
     assert res.returncode == 0 and 'already in' in res.stdout
 
 
+@needs_tools
 def test_blender_download_fails_loudly(tmp_path):
     data = tmp_path / 'data'
     res = run('download_blender.sh', data, BLENDER_URL='file:///nonexistent.zip')
@@ -62,6 +68,7 @@ def test_blender_download_fails_loudly(tmp_path):
     assert res.returncode != 0 and 'layout is incomplete: missing' in res.stderr and 'ship/transforms_test.json' in res.stderr
 
 
+@needs_tools
 def test_llff_download(tmp_path):
     names = [f'nerf_llff_data/{s}/{f}' for s in LLFF
              for f in ('poses_bounds.npy', 'images/a.png', 'images_4/a.png', 'images_8/a.png')]
