@@ -39,7 +39,7 @@ DATASET_DEFAULTS = {
 # Flags that must be > 0, and flags that must be >= 0.
 POSITIVE = ('batch_size', 'max_steps', 'num_samples', 'num_levels', 'net_depth', 'net_width',
             'net_depth_condition', 'net_width_condition', 'chunk', 'lr_init', 'lr_final',
-            'log_every', 'keep_checkpoints')
+            'log_every', 'keep_checkpoints', 'max_nonfinite')
 NON_NEGATIVE = ('factor', 'min_deg_point', 'deg_view', 'skip_layer', 'lr_delay_steps',
                 'coarse_loss_mult', 'density_noise', 'resample_padding', 'render_every',
                 'eval_every', 'save_every', 'eval_views', 'grad_max_norm', 'near', 'max_minutes')
@@ -127,6 +127,8 @@ def build_parser():
     flag('--lr_delay_mult', type=float, default=0.01, help='learning-rate multiplier at step 0 of the warm-up')
     flag('--coarse_loss_mult', type=float, default=0.1, help='weight of the coarse levels in the loss')
     flag('--grad_max_norm', type=float, default=0., help='clip the gradient norm (0: off)')
+    flag('--max_nonfinite', type=int, default=5,
+         help='after this many non-finite steps in a row, reload the last checkpoint and halve the learning rate')
     boolean('--randomized', True, 'stratified jitter and density noise in training')
     boolean('--disable_multiscale_loss', False, 'ignore lossmult')
     flag('--max_minutes', type=float, default=0., help='stop after this many minutes of training (0: no limit)')

@@ -1,8 +1,6 @@
 """Learning-rate schedule of the official release: log-linear decay with a delayed warm-up."""
 import math
 
-import torch
-
 
 def learning_rate(step, lr_init, lr_final, max_steps, lr_delay_steps=0, lr_delay_mult=1.):
     """The learning rate at `step`, a pure function of the step.
@@ -21,13 +19,30 @@ def learning_rate(step, lr_init, lr_final, max_steps, lr_delay_steps=0, lr_delay
     return delay_rate * math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
 
 
-def make_scheduler(optimizer, cfg):
-    """A LambdaLR whose rate at step s is `learning_rate(s, ...)` from `cfg`.
+class Schedule:
+    """`learning_rate` with the config's constants, times `scale`.
 
-    The optimizer's base rate must be `cfg.lr_init`; `scheduler.step()` is
-    called once after each optimizer step.
+    `scale` is 1 unless training halved it after non-finite steps; it is the
+    schedule's only state and is saved with checkpoints.
     """
-    def factor(step):
-        return learning_rate(step, cfg.lr_init, cfg.lr_final, cfg.max_steps,
-                             cfg.lr_delay_steps, cfg.lr_delay_mult) / cfg.lr_init
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def __init__(self, cfg, scale=1.):
+        self.cfg, self.scale = cfg, scale
+
+    def __call__(self, step):
+        c = self.cfg
+        return self.scale * learning_rate(step, c.lr_init, c.lr_final, c.max_steps, c.lr_delay_steps,
+                                          c.lr_delay_mult)
+
+    def apply(self, optimizer, step):
+        """Set the optimizer's rate for `step`; returns it."""
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        return lr
+
+    def state_dict(self):
+        return {'scale': self.scale}
+
+    def load_state_dict(self, state):
+        self.scale = state['scale']

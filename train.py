@@ -8,11 +8,16 @@ One loop with named cadences: `log_every` (TensorBoard scalars, progress
 bar), `render_every` (a rendered test view in TensorBoard), `eval_every`
 (PSNR over the test views) and `save_every` (checkpoint). Checkpoints carry
 the model arguments and the config, so every script rebuilds the model from
-them.
+them; they are written atomically and the last `keep_checkpoints` are kept.
+Ctrl-C and SIGTERM save a checkpoint and stop; a step whose loss or gradient
+is not finite is skipped, and after `max_nonfinite` of them in a row the last
+checkpoint is reloaded with half the learning rate.
 """
+import copy
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -24,8 +29,10 @@ import config as config_lib
 import datasets
 from loss import mipnerf_loss, mse_to_psnr
 from model import MipNeRF, list_checkpoints
-from scheduler import make_scheduler
+from scheduler import Schedule
 from visualize import colorize_depth
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # ----------------------------------------------------------------------------
@@ -36,19 +43,36 @@ def checkpoint_path(log_dir, step):
 
 
 def save_checkpoint(path, state):
-    """Write atomically: a temporary file in the same folder, fsync, rename."""
+    """Write atomically: a temporary file in the same folder, flush, fsync, rename.
+
+    On failure (a full disk, say) the temporary file is removed, earlier
+    checkpoints are untouched, and the OSError propagates.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_training_checkpoint(path, device):
+    """torch.load with a one-line reason on failure (ValueError)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, not a checkpoint, ...
+        raise ValueError(f'checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:80]})') from None
 
 
 def prune_checkpoints(log_dir, keep):
@@ -69,8 +93,37 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def host_memory_mb():
+    """Resident memory of this process in MB (Linux), or None."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # ----------------------------------------------------------------------------
-# Evaluation.
+# Steps and evaluation.
+
+def train_step(model, optimizer, schedule, sampler, cfg, step):
+    """One optimization step on a fresh batch of rays.
+
+    Returns (loss, per-level PSNRs, gradient norm, finite). When the loss or
+    the gradient is not finite, the parameters are left unchanged.
+    """
+    rays, target = sampler.sample()
+    lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
+    loss, _, psnrs = mipnerf_loss(model(rays), target, lossmult, cfg.coarse_loss_mult)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = cfg.grad_max_norm if cfg.grad_max_norm > 0 else float('inf')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    finite = bool(torch.isfinite(loss.detach() + grad_norm))
+    if finite:
+        schedule.apply(optimizer, step)
+        optimizer.step()
+    return loss.detach(), psnrs, grad_norm, finite
+
 
 def eval_view_indices(n, eval_views):
     """`eval_views` evenly spaced test views (all of them for 0)."""
@@ -89,6 +142,10 @@ def evaluate(model, data, indices, chunk):
     return sum(psnrs) / len(psnrs)
 
 
+def level_names(n):
+    return ['coarse', 'fine'] if n == 2 else [f'level{i}' for i in range(n)]
+
+
 # ----------------------------------------------------------------------------
 
 def fail(message):
@@ -96,8 +153,46 @@ def fail(message):
     sys.exit(2)
 
 
+def resolve_resume(cfg, device):
+    """The checkpoint to resume from (dict) or None; falls back past unreadable ones for 'latest'."""
+    if not cfg.resume:
+        return None
+    if cfg.resume != 'latest':
+        if not os.path.isfile(cfg.resume):
+            fail(f'--resume {cfg.resume}: no such checkpoint (omit the path to take the latest in --log_dir)')
+        try:
+            return load_training_checkpoint(cfg.resume, device)
+        except ValueError as e:
+            fail(f'--resume: {e}; pass an earlier one')
+    for path in reversed(list_checkpoints(cfg.log_dir)):
+        try:
+            ckpt = load_training_checkpoint(path, device)
+            ckpt['path'] = path
+            return ckpt
+        except ValueError as e:
+            print(f'--resume: {e}; trying the one before')
+    print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
+    return None
+
+
 def main(argv=None):
-    cfg = config_lib.get_config(argv)
+    """Parse flags and train; SIGINT and SIGTERM ask the loop to save and stop."""
+    stop = {'signal': None}
+
+    def on_signal(signum, frame):
+        if stop['signal'] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt       # a second Ctrl-C stops at once
+        stop['signal'] = signum
+    previous_handlers = {s: signal.signal(s, on_signal) for s in EXIT_CODES}
+    try:
+        run(config_lib.get_config(argv), stop)
+    finally:
+        for s, h in previous_handlers.items():
+            signal.signal(s, h)
+
+
+def run(cfg, stop):
+    """Train with the config `cfg`; `stop['signal']` set by a handler ends the loop cleanly."""
     device = config_lib.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -115,41 +210,48 @@ def main(argv=None):
     if cfg.compile:
         model.mlp.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
-    scheduler = make_scheduler(optimizer, cfg)
+    schedule = Schedule(cfg)
     sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed)
+    model_args = dataclasses.asdict(model.args)
     step = 0
 
-    if cfg.resume:
-        path = cfg.resume
-        if path == 'latest':
-            found = list_checkpoints(cfg.log_dir)
-            path = found[-1] if found else None
-            if path is None:
-                print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
-        elif not os.path.isfile(path):
-            fail(f'--resume {path}: no such checkpoint (omit the path to take the latest in --log_dir)')
-        if path is not None:
-            ckpt = torch.load(path, map_location=device, weights_only=False)
-            if ckpt['model_args'] != dataclasses.asdict(model.args):
-                diff = {k: v for k, v in ckpt['model_args'].items() if dataclasses.asdict(model.args).get(k) != v}
-                fail(f'--resume {path}: the checkpoint has a different network ({diff}); '
-                     'pass the same model flags or another --log_dir')
-            model.load_state_dict(ckpt['model'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
+    def restore(ckpt, with_rng):
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        schedule.load_state_dict(ckpt['schedule'])
+        if with_rng:
             sampler.load_state_dict(ckpt['sampler'])
             set_rng_state(ckpt['rng'])
-            step = ckpt['step']
-            print(f'resumed from {path} at step {step}')
+        return ckpt['step']
+
+    ckpt = resolve_resume(cfg, device)
+    if ckpt is not None:
+        if ckpt['model_args'] != model_args:
+            diff = {k: v for k, v in ckpt['model_args'].items() if model_args.get(k) != v}
+            fail(f'--resume {ckpt.get("path", cfg.resume)}: the checkpoint has a different network ({diff}); '
+                 'pass the same model flags or another --log_dir')
+        step = restore(ckpt, with_rng=True)
+        print(f'resumed from {ckpt.get("path", cfg.resume)} at step {step}')
+    initial = copy.deepcopy({'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                             'schedule': schedule.state_dict()})
     os.makedirs(cfg.log_dir, exist_ok=True)
     config_lib.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
 
     def save(step):
-        save_checkpoint(checkpoint_path(cfg.log_dir, step), {
-            'step': step, 'model_args': dataclasses.asdict(model.args), 'config': vars(cfg),
-            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'sampler': sampler.state_dict(), 'rng': rng_state()})
+        """Save and prune; on an OSError keep going and say so. Returns whether it saved."""
+        path = checkpoint_path(cfg.log_dir, step)
+        try:
+            save_checkpoint(path, {
+                'step': step, 'model_args': model_args, 'config': vars(cfg), 'model': model.state_dict(),
+                'optimizer': optimizer.state_dict(), 'schedule': schedule.state_dict(),
+                'sampler': sampler.state_dict(), 'rng': rng_state()})
+        except OSError as e:
+            previous = list_checkpoints(cfg.log_dir)
+            tqdm.write(f'could not save {path}: {e}; '
+                       + (f'{previous[-1]} is intact' if previous else 'no earlier checkpoint exists'))
+            return False
         prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints)
+        return True
 
     writer = SummaryWriter(cfg.log_dir)  # appends: earlier runs' logs stay
     num_params = sum(p.numel() for p in model.parameters())
@@ -159,82 +261,92 @@ def main(argv=None):
     t_start = time.time()
     t_window, window_psnr, window_steps = time.time(), 0., 0
     eval_seconds = 0.   # time spent rendering for TensorBoard and evaluation
+    nonfinite, saved = 0, True
 
     model.train()
     pbar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, desc='train')
-    try:
-        while step < cfg.max_steps:
-            rays, target = sampler.sample()
-            lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
-            levels = model(rays)
-            loss, mses, psnrs = mipnerf_loss(levels, target, lossmult, cfg.coarse_loss_mult)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_max_norm)
-            lr = optimizer.param_groups[0]['lr']   # the rate of this step
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            pbar.update(1)
-            window_psnr = window_psnr + psnrs[-1]
-            window_steps += 1
+    while step < cfg.max_steps and stop['signal'] is None:
+        loss, psnrs, grad_norm, finite = train_step(model, optimizer, schedule, sampler, cfg, step)
+        if not finite:
+            nonfinite += 1
+            writer.add_scalar('train/nonfinite_skipped', nonfinite, step)
+            tqdm.write(f'step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)')
+            if nonfinite >= cfg.max_nonfinite:
+                found = list_checkpoints(cfg.log_dir)
+                source = found[-1] if found else 'the initial state'
+                back = restore(load_training_checkpoint(found[-1], device) if found else initial, with_rng=False)
+                schedule.scale *= 0.5
+                tqdm.write(f'{nonfinite} non-finite steps in a row: reloaded {source} (step {back}) and halved '
+                           f'the learning rate (now {schedule.scale:g} x the schedule)')
+                pbar.update(back - step)
+                step, nonfinite = back, 0
+            continue
+        nonfinite = 0
+        step += 1
+        pbar.update(1)
+        window_psnr = window_psnr + psnrs[-1]
+        window_steps += 1
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                rays_per_sec = window_steps * cfg.batch_size / (time.time() - t_window)
-                avg_psnr = float(window_psnr) / window_steps
-                writer.add_scalar('train/loss', loss.item(), step)
-                for name, p in zip(level_names(len(psnrs)), psnrs.tolist()):
-                    writer.add_scalar(f'train/psnr_{name}', p, step)
-                writer.add_scalar('train/psnr_avg', avg_psnr, step)
-                writer.add_scalar('train/lr', lr, step)
-                writer.add_scalar('train/rays_per_sec', rays_per_sec, step)
-                pbar.set_postfix(loss=f'{loss.item():.4f}', psnr=f'{avg_psnr:.2f}', rays_s=f'{rays_per_sec:,.0f}')
-                t_window, window_psnr, window_steps = time.time(), 0., 0
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rays_per_sec = window_steps * cfg.batch_size / (time.time() - t_window)
+            avg_psnr = float(window_psnr) / window_steps
+            writer.add_scalar('train/loss', loss.item(), step)
+            for name, p in zip(level_names(len(psnrs)), psnrs.tolist()):
+                writer.add_scalar(f'train/psnr_{name}', p, step)
+            writer.add_scalar('train/psnr_avg', avg_psnr, step)
+            writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], step)
+            writer.add_scalar('train/grad_norm', grad_norm.item(), step)
+            writer.add_scalar('train/rays_per_sec', rays_per_sec, step)
+            rss = host_memory_mb()
+            if rss is not None:
+                writer.add_scalar('train/host_memory_mb', rss, step)
+            pbar.set_postfix(loss=f'{loss.item():.4f}', psnr=f'{avg_psnr:.2f}', rays_s=f'{rays_per_sec:,.0f}')
+            t_window, window_psnr, window_steps = time.time(), 0., 0
 
-            t_eval = time.time()
-            if cfg.render_every and step % cfg.render_every == 0:
-                i = (step // cfg.render_every) % len(test_data)
-                rgb, distance, acc = model.render_image(test_data.rays_of_image(i), cfg.chunk)
-                writer.add_image('test/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
-                writer.add_image('test/target', test_data.images[i], step, dataformats='HWC')
-                writer.add_image('test/depth', colorize_depth(distance, cfg.near, cfg.far, acc), step, dataformats='HWC')
-                writer.add_image('test/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
+        t_eval = time.time()
+        if cfg.render_every and step % cfg.render_every == 0:
+            i = (step // cfg.render_every) % len(test_data)
+            rgb, distance, acc = model.render_image(test_data.rays_of_image(i), cfg.chunk)
+            writer.add_image('test/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
+            writer.add_image('test/target', test_data.images[i], step, dataformats='HWC')
+            writer.add_image('test/depth', colorize_depth(distance, cfg.near, cfg.far, acc), step, dataformats='HWC')
+            writer.add_image('test/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
 
-            out_of_time = cfg.max_minutes > 0 and t_eval - t_start - eval_seconds > 60 * cfg.max_minutes
-            last = step == cfg.max_steps or out_of_time
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                # A subset of views (--eval_views) during training; all of them at the end.
-                indices = eval_view_indices(len(test_data), 0 if last else cfg.eval_views)
-                psnr = evaluate(model, test_data, indices, cfg.chunk)
-                writer.add_scalar('test/psnr', psnr, step)
-                with open(eval_log, 'a') as f:   # seconds since this process started
-                    f.write(json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),
-                                        'wall_seconds': round(time.time() - t_start, 1),
-                                        'train_seconds': round(t_eval - t_start - eval_seconds, 1)}) + '\n')
-                tqdm.write(f'step {step}: test PSNR {psnr:.2f} dB over {len(indices)} views '
-                           f'({time.time() - t_eval:.1f} s)')
-            dt = time.time() - t_eval
-            eval_seconds += dt
-            t_window += dt   # keep rendering time out of rays/s
+        out_of_time = cfg.max_minutes > 0 and t_eval - t_start - eval_seconds > 60 * cfg.max_minutes
+        last = step == cfg.max_steps or out_of_time
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            # A subset of views (--eval_views) during training; all of them at the end.
+            indices = eval_view_indices(len(test_data), 0 if last else cfg.eval_views)
+            psnr = evaluate(model, test_data, indices, cfg.chunk)
+            writer.add_scalar('test/psnr', psnr, step)
+            with open(eval_log, 'a') as f:   # seconds since this process started
+                f.write(json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),
+                                    'wall_seconds': round(time.time() - t_start, 1),
+                                    'train_seconds': round(t_eval - t_start - eval_seconds, 1)}) + '\n')
+            tqdm.write(f'step {step}: test PSNR {psnr:.2f} dB over {len(indices)} views '
+                       f'({time.time() - t_eval:.1f} s)')
+        dt = time.time() - t_eval
+        eval_seconds += dt
+        t_window += dt   # keep rendering time out of rays/s
 
-            if (cfg.save_every and step % cfg.save_every == 0) or last:
-                save(step)
-            if out_of_time:
-                tqdm.write(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
-                break
-    except KeyboardInterrupt:
-        save(step)
-        pbar.close()
-        print(f'\ninterrupted: saved step {step} to {cfg.log_dir}; continue with the same command plus --resume')
-        sys.exit(130)
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
+            saved = save(step)
+        if out_of_time:
+            tqdm.write(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
+            break
     pbar.close()
+    if stop['signal'] is not None:
+        saved = save(step)
+        name = signal.Signals(stop['signal']).name
+        print(f'{name}: stopped at step {step}' + (f', saved {checkpoint_path(cfg.log_dir, step)}' if saved else '')
+              + '; continue with the same command plus --resume')
+        writer.close()
+        sys.exit(EXIT_CODES[stop['signal']])
     writer.close()
+    if not saved:
+        sys.stderr.write(f'train.py: error: the final checkpoint could not be saved to {cfg.log_dir} (see above)\n')
+        sys.exit(1)
     print(f'done: {step} steps, checkpoint in {cfg.log_dir}')
-
-
-def level_names(n):
-    return ['coarse', 'fine'] if n == 2 else [f'level{i}' for i in range(n)]
 
 
 if __name__ == '__main__':

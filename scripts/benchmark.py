@@ -24,9 +24,9 @@ import config as config_lib  # noqa: E402
 import datasets  # noqa: E402
 import extract_mesh  # noqa: E402
 import ray_utils  # noqa: E402
-from loss import mipnerf_loss  # noqa: E402
+import train  # noqa: E402
 from model import MipNeRF  # noqa: E402
-from scheduler import make_scheduler  # noqa: E402
+from scheduler import Schedule  # noqa: E402
 
 
 def synchronize(device):
@@ -76,16 +76,11 @@ def bench_variant(name, args, data, device):
     if extra == 'compile':
         model.mlp.compile()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
-    sched = make_scheduler(opt, cfg)
+    schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0)
 
     def step():
-        rays, target = sampler.sample()
-        loss, _, _ = mipnerf_loss(model(rays), target, rays.lossmult, cfg.coarse_loss_mult)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        train.train_step(model, opt, schedule, sampler, cfg, 0)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loss import mipnerf_loss, mse_to_psnr, weighted_mse
-from scheduler import learning_rate, make_scheduler
+from scheduler import Schedule, learning_rate
 
 
 OFFICIAL = dict(lr_init=5e-4, lr_final=5e-6, max_steps=1_000_000, lr_delay_steps=2500, lr_delay_mult=0.01)
@@ -27,15 +27,18 @@ def test_learning_rate_without_delay_and_monotone_after_warmup():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_scheduler_follows_the_pure_function():
+def test_schedule_sets_the_pure_function_times_its_scale():
     class Cfg:
         lr_init, lr_final, max_steps, lr_delay_steps, lr_delay_mult = 1e-3, 1e-5, 40, 10, 0.1
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=Cfg.lr_init)
-    sched = make_scheduler(opt, Cfg)
+    schedule = Schedule(Cfg)
     for step in range(45):
-        assert opt.param_groups[0]['lr'] == pytest.approx(learning_rate(step, 1e-3, 1e-5, 40, 10, 0.1))
-        opt.step()
-        sched.step()
+        assert schedule.apply(opt, step) == opt.param_groups[0]['lr'] == \
+            pytest.approx(learning_rate(step, 1e-3, 1e-5, 40, 10, 0.1))
+    schedule.scale = 0.5
+    again = Schedule(Cfg)
+    again.load_state_dict(schedule.state_dict())
+    assert again(20) == pytest.approx(0.5 * learning_rate(20, 1e-3, 1e-5, 40, 10, 0.1))
 
 
 def test_psnr_known_values():
