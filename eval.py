@@ -17,14 +17,16 @@ import os
 import shutil
 import sys
 
+import cv2
 import torch
 from tqdm import tqdm
 
 import config as config_lib
 import datasets
+import ddp
 from loss import LPIPS, average_error, mse_to_psnr, ssim
 from model import load_run
-from visualize import colorize_depth, to_uint8, write_png
+from visualize import colorize_depth, to_uint8
 
 SCALE_NAMES = ['Full Res.', '1/2 Res.', '1/4 Res.', '1/8 Res.']
 
@@ -90,32 +92,52 @@ def main(argv=None):
         fail(f'--chunk must be positive, got {args.chunk}')
     try:
         config_lib.validate_device(args.device)
-        device = config_lib.resolve_device(args.device)
+        device = ddp.setup(config_lib.resolve_device(args.device))
         model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
         if args.base_dir:
             cfg.base_dir = args.base_dir
         data = datasets.dataset_from_config(cfg, args.split)
     except (FileNotFoundError, datasets.DataError, config_lib.ConfigError) as e:
         fail(e)
-    step = ckpt['step']
+    try:
+        run(args, model, data, ckpt['step'], device)
+    finally:
+        ddp.cleanup()
+
+
+def encode_png(img_uint8):
+    ok, buf = cv2.imencode('.png', img_uint8[..., ::-1] if img_uint8.ndim == 3 else img_uint8)
+    return buf.tobytes()
+
+
+def run(args, model, data, step, device):
+    """Render this rank's share of the split (images rank, rank + N, ...) and, on rank 0, write everything."""
+    main = ddp.is_main()
+    lpips_fn = LPIPS(device)
+    if main and not lpips_fn.available:
+        print(lpips_fn.note)
+    mine = []
+    for i in tqdm(range(ddp.rank(), len(data), ddp.world_size()), desc=f'eval {args.split}', dynamic_ncols=True,
+                  disable=not main):
+        rgb, distance, acc = model.render_image(data.rays_of_image(i), args.chunk)
+        target = data.images[i].to(rgb.device)
+        row = {'index': i, 'label': int(data.labels[i]), **image_metrics(rgb, target, lpips_fn)}
+        pngs = {'color': encode_png(to_uint8(rgb)), 'acc': encode_png(to_uint8(acc)),
+                'depth': encode_png(colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc))}
+        mine.append((row, pngs))
+    gathered = ddp.gather(mine)
+    if not main:
+        return
+    results = sorted((r for part in gathered for r in part), key=lambda r: r[0]['index'])
     out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{step:07d}')
     tmp = out_dir.rstrip('/') + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    lpips_fn = LPIPS(device)
-    if not lpips_fn.available:
-        print(lpips_fn.note)
-
-    rows = []
-    for i in tqdm(range(len(data)), desc=f'eval {args.split}', dynamic_ncols=True):
-        rgb, distance, acc = model.render_image(data.rays_of_image(i), args.chunk)
-        target = data.images[i].to(rgb.device)
-        row = {'index': i, 'label': int(data.labels[i]), **image_metrics(rgb, target, lpips_fn)}
-        rows.append(row)
-        write_png(os.path.join(tmp, f'color_{i:03d}.png'), to_uint8(rgb))
-        write_png(os.path.join(tmp, f'depth_{i:03d}.png'), colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc))
-        write_png(os.path.join(tmp, f'acc_{i:03d}.png'), to_uint8(acc))
-
+    for row, pngs in results:
+        for kind, data_bytes in pngs.items():
+            with open(os.path.join(tmp, f'{kind}_{row["index"]:03d}.png'), 'wb') as f:
+                f.write(data_bytes)
+    rows = [row for row, _ in results]
     metrics = {'step': step, 'split': args.split, 'checkpoint': args.ckpt or args.log_dir,
                'images': rows, 'mean': summarize(rows)}
     if not lpips_fn.available:

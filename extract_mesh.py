@@ -24,6 +24,7 @@ import trimesh
 from tqdm import tqdm
 
 import config as config_lib
+import ddp
 import ray_utils
 from model import load_run
 
@@ -40,15 +41,25 @@ def grid_points(bbox_min, bbox_max, n):
 def density_grid(density_fn, bbox_min, bbox_max, n, chunk=1 << 18, device='cpu', progress=True):
     """Evaluate `density_fn(points [P, 3]) -> [P]` on an n^3 grid, chunk by chunk.
 
-    Returns a float32 numpy array `[n, n, n]` indexed [x, y, z].
+    Returns a float32 numpy array `[n, n, n]` indexed [x, y, z]. Under
+    torchrun the x-slabs are dealt round-robin to the ranks and gathered on
+    rank 0, one block per rank at a time; other ranks get None.
     """
+    rank, world, main = ddp.rank(), ddp.world_size(), ddp.is_main()
     axes = [torch.tensor(a, dtype=torch.float32, device=device) for a in grid_points(bbox_min, bbox_max, n)]
-    grid = np.empty((n, n, n), dtype=np.float32)
-    rows = max(1, chunk // (n * n))   # x-slabs per chunk
-    for i in tqdm(range(0, n, rows), desc='density grid', disable=not progress, dynamic_ncols=True):
-        xs = axes[0][i:i + rows]
-        pts = torch.stack(torch.meshgrid(xs, axes[1], axes[2], indexing='ij'), -1).reshape(-1, 3)
-        grid[i:i + len(xs)] = density_fn(pts).reshape(len(xs), n, n).float().cpu().numpy()
+    grid = np.empty((n, n, n), dtype=np.float32) if main else None
+    rows = max(1, chunk // (n * n))   # x-slabs per block
+    starts = list(range(0, n, rows))
+    for first in tqdm(range(0, len(starts), world), desc='density grid', disable=not (progress and main),
+                      dynamic_ncols=True):
+        block, values = first + rank, None
+        if block < len(starts):
+            xs = axes[0][starts[block]:starts[block] + rows]
+            pts = torch.stack(torch.meshgrid(xs, axes[1], axes[2], indexing='ij'), -1).reshape(-1, 3)
+            values = density_fn(pts).reshape(len(xs), n, n).float().cpu().numpy()
+        for k, v in ddp.gather((block, values)) or []:
+            if v is not None:
+                grid[starts[k]:starts[k] + len(v)] = v
     return grid
 
 
@@ -139,10 +150,17 @@ def main(argv=None):
         fail('--grid_size must be at least 2 and --chunk positive')
     try:
         config_lib.validate_device(args.device)
-        device = config_lib.resolve_device(args.device)
+        device = ddp.setup(config_lib.resolve_device(args.device))
         model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
     except (FileNotFoundError, config_lib.ConfigError) as e:
         fail(e)
+    try:
+        extract(args, out, model, cfg, ckpt, device)
+    finally:
+        ddp.cleanup()
+
+
+def extract(args, out, model, cfg, ckpt, device):
     bbox = args.bbox or DEFAULT_BBOX.get(cfg.dataset_name, BLENDER_BBOX)
     lo, hi = np.array(bbox[:3]), np.array(bbox[3:])
     if np.any(hi <= lo):
@@ -150,6 +168,8 @@ def main(argv=None):
     voxel = float(np.max((hi - lo) / (args.grid_size - 1)))
     density_fn, colors_fn = model_fns(model, voxel)
     grid = density_grid(density_fn, lo, hi, args.grid_size, args.chunk, device)
+    if not ddp.is_main():
+        return
     if not grid.min() < args.threshold < grid.max():
         fail(f'no surface: the density ranges over [{grid.min():.3g}, {grid.max():.3g}] '
              f'and --threshold is {args.threshold:g}; pick a threshold inside that range')

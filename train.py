@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import config as config_lib
 import datasets
+import ddp
 from loss import mipnerf_loss, mse_to_psnr
 from model import MipNeRF, list_checkpoints
 from scheduler import Schedule
@@ -189,29 +190,42 @@ def main(argv=None):
     finally:
         for s, h in previous_handlers.items():
             signal.signal(s, h)
+        ddp.cleanup()
 
 
 def run(cfg, stop):
-    """Train with the config `cfg`; `stop['signal']` set by a handler ends the loop cleanly."""
-    device = config_lib.resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    """Train with the config `cfg`; `stop['signal']` set by a handler ends the loop cleanly.
 
-    if cfg.dataset_name == 'demo' and not os.path.isdir(cfg.base_dir):
+    Under torchrun every rank runs this: each draws its own rays (seed +
+    rank), DistributedDataParallel averages the gradients, and rank 0 alone
+    logs, evaluates and writes checkpoints.
+    """
+    device = ddp.setup(config_lib.resolve_device(cfg.device))
+    rank, main = ddp.rank(), ddp.is_main()
+    torch.manual_seed(cfg.seed)          # the same initial weights on every rank
+
+    if cfg.dataset_name == 'demo' and not os.path.isdir(cfg.base_dir) and main:
         from scripts.make_demo import make_demo_scene
         print(f'demo scene not found in {cfg.base_dir}: generating it (about half a minute)')
         make_demo_scene(cfg.base_dir)
+    ddp.barrier()
     try:
         train_data = datasets.dataset_from_config(cfg, 'train')
-        test_data = datasets.dataset_from_config(cfg, 'test')
+        test_data = datasets.dataset_from_config(cfg, 'test') if main else None
     except datasets.DataError as e:
         fail(e)
 
     model = MipNeRF.from_config(cfg).to(device)
     if cfg.compile:
         model.mlp.compile()
+    net = model
+    if ddp.launched():
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
     schedule = Schedule(cfg)
-    sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed)
+    sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank)
+    if rank:
+        torch.manual_seed(cfg.seed + rank)   # this rank's own jitter and noise
     model_args = dataclasses.asdict(model.args)
     step = 0
 
@@ -220,8 +234,13 @@ def run(cfg, stop):
         optimizer.load_state_dict(ckpt['optimizer'])
         schedule.load_state_dict(ckpt['schedule'])
         if with_rng:
-            sampler.load_state_dict(ckpt['sampler'])
-            set_rng_state(ckpt['rng'])
+            states = ckpt.get('rank_states') or [{'sampler': ckpt['sampler'], 'rng': ckpt['rng']}]
+            if len(states) == ddp.world_size():
+                sampler.load_state_dict(states[rank]['sampler'])
+                set_rng_state(states[rank]['rng'])
+            else:   # a different number of processes: fresh streams, distinct per rank and step
+                sampler.generator.manual_seed(cfg.seed + rank + 1000003 * ckpt['step'])
+                torch.manual_seed(cfg.seed + rank + 1000003 * ckpt['step'])
         return ckpt['step']
 
     ckpt = resolve_resume(cfg, device)
@@ -231,20 +250,30 @@ def run(cfg, stop):
             fail(f'--resume {ckpt.get("path", cfg.resume)}: the checkpoint has a different network ({diff}); '
                  'pass the same model flags or another --log_dir')
         step = restore(ckpt, with_rng=True)
-        print(f'resumed from {ckpt.get("path", cfg.resume)} at step {step}')
+        if main:
+            print(f'resumed from {ckpt.get("path", cfg.resume)} at step {step}')
     initial = copy.deepcopy({'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                              'schedule': schedule.state_dict()})
-    os.makedirs(cfg.log_dir, exist_ok=True)
-    config_lib.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
+    if main:
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        config_lib.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
 
     def save(step):
-        """Save and prune; on an OSError keep going and say so. Returns whether it saved."""
+        """Save (rank 0) and prune; on an OSError keep going and say so. Returns whether it saved.
+
+        Every rank calls it: the ranks' sampler and RNG states are gathered so
+        that a resume with as many processes continues their streams exactly.
+        """
+        states = ddp.gather({'sampler': sampler.state_dict(), 'rng': rng_state()})
+        if not main:
+            return True
         path = checkpoint_path(cfg.log_dir, step)
         try:
             save_checkpoint(path, {
                 'step': step, 'model_args': model_args, 'config': vars(cfg), 'model': model.state_dict(),
                 'optimizer': optimizer.state_dict(), 'schedule': schedule.state_dict(),
-                'sampler': sampler.state_dict(), 'rng': rng_state()})
+                'sampler': states[0]['sampler'], 'rng': states[0]['rng'],
+                'rank_states': states if len(states) > 1 else None, 'world_size': len(states)})
         except OSError as e:
             previous = list_checkpoints(cfg.log_dir)
             tqdm.write(f'could not save {path}: {e}; '
@@ -253,31 +282,49 @@ def run(cfg, stop):
         prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints)
         return True
 
-    writer = SummaryWriter(cfg.log_dir)  # appends: earlier runs' logs stay
-    num_params = sum(p.numel() for p in model.parameters())
-    print(f'{num_params:,} parameters, {len(train_data)} training views of {train_data.w}x{train_data.h}, '
-          f'device {device}, logging to {cfg.log_dir}')
+    def evaluate_and_log(step, indices, t_eval):
+        psnr = evaluate(model, test_data, indices, cfg.chunk)
+        writer.add_scalar('test/psnr', psnr, step)
+        with open(eval_log, 'a') as f:   # seconds since this process started
+            f.write(json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),
+                                'wall_seconds': round(time.time() - t_start, 1),
+                                'train_seconds': round(t_eval - t_start - eval_seconds, 1)}) + '\n')
+        tqdm.write(f'step {step}: test PSNR {psnr:.2f} dB over {len(indices)} views ({time.time() - t_eval:.1f} s)')
+
+    writer = SummaryWriter(cfg.log_dir) if main else None  # appends: earlier runs' logs stay
+    if main:
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f'{num_params:,} parameters, {len(train_data)} training views of {train_data.w}x{train_data.h}, '
+              f'device {device}' + (f' x {ddp.world_size()} processes' if ddp.launched() else '')
+              + f', logging to {cfg.log_dir}')
     eval_log = os.path.join(cfg.log_dir, 'eval.jsonl')
     t_start = time.time()
     t_window, window_psnr, window_steps = time.time(), 0., 0
     eval_seconds = 0.   # time spent rendering for TensorBoard and evaluation
-    nonfinite, saved = 0, True
+    nonfinite, saved_at, evaluated_at = 0, None, None
 
     model.train()
-    pbar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, desc='train')
-    while step < cfg.max_steps and stop['signal'] is None:
-        loss, psnrs, grad_norm, finite = train_step(model, optimizer, schedule, sampler, cfg, step)
+    pbar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, desc='train', disable=not main)
+    while True:
+        # One decision for all ranks: a signal anywhere, or the time budget spent.
+        out_of_time = main and cfg.max_minutes > 0 and time.time() - t_start - eval_seconds > 60 * cfg.max_minutes
+        signalled, out_of_time = ddp.any_rank([stop['signal'] is not None, out_of_time], device)
+        if step >= cfg.max_steps or signalled or out_of_time:
+            break
+        loss, psnrs, grad_norm, finite = train_step(net, optimizer, schedule, sampler, cfg, step)
         if not finite:
             nonfinite += 1
-            writer.add_scalar('train/nonfinite_skipped', nonfinite, step)
-            tqdm.write(f'step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)')
+            if main:
+                writer.add_scalar('train/nonfinite_skipped', nonfinite, step)
+                tqdm.write(f'step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)')
             if nonfinite >= cfg.max_nonfinite:
                 found = list_checkpoints(cfg.log_dir)
                 source = found[-1] if found else 'the initial state'
                 back = restore(load_training_checkpoint(found[-1], device) if found else initial, with_rng=False)
                 schedule.scale *= 0.5
-                tqdm.write(f'{nonfinite} non-finite steps in a row: reloaded {source} (step {back}) and halved '
-                           f'the learning rate (now {schedule.scale:g} x the schedule)')
+                if main:
+                    tqdm.write(f'{nonfinite} non-finite steps in a row: reloaded {source} (step {back}) and '
+                               f'halved the learning rate (now {schedule.scale:g} x the schedule)')
                 pbar.update(back - step)
                 step, nonfinite = back, 0
             continue
@@ -287,8 +334,8 @@ def run(cfg, stop):
         window_psnr = window_psnr + psnrs[-1]
         window_steps += 1
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            rays_per_sec = window_steps * cfg.batch_size / (time.time() - t_window)
+        if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            rays_per_sec = window_steps * cfg.batch_size * ddp.world_size() / (time.time() - t_window)
             avg_psnr = float(window_psnr) / window_steps
             writer.add_scalar('train/loss', loss.item(), step)
             for name, p in zip(level_names(len(psnrs)), psnrs.tolist()):
@@ -304,49 +351,43 @@ def run(cfg, stop):
             t_window, window_psnr, window_steps = time.time(), 0., 0
 
         t_eval = time.time()
-        if cfg.render_every and step % cfg.render_every == 0:
+        if main and cfg.render_every and step % cfg.render_every == 0:
             i = (step // cfg.render_every) % len(test_data)
             rgb, distance, acc = model.render_image(test_data.rays_of_image(i), cfg.chunk)
             writer.add_image('test/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
             writer.add_image('test/target', test_data.images[i], step, dataformats='HWC')
             writer.add_image('test/depth', colorize_depth(distance, cfg.near, cfg.far, acc), step, dataformats='HWC')
             writer.add_image('test/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
-
-        out_of_time = cfg.max_minutes > 0 and t_eval - t_start - eval_seconds > 60 * cfg.max_minutes
-        last = step == cfg.max_steps or out_of_time
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            # A subset of views (--eval_views) during training; all of them at the end.
-            indices = eval_view_indices(len(test_data), 0 if last else cfg.eval_views)
-            psnr = evaluate(model, test_data, indices, cfg.chunk)
-            writer.add_scalar('test/psnr', psnr, step)
-            with open(eval_log, 'a') as f:   # seconds since this process started
-                f.write(json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),
-                                    'wall_seconds': round(time.time() - t_start, 1),
-                                    'train_seconds': round(t_eval - t_start - eval_seconds, 1)}) + '\n')
-            tqdm.write(f'step {step}: test PSNR {psnr:.2f} dB over {len(indices)} views '
-                       f'({time.time() - t_eval:.1f} s)')
+        if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            evaluate_and_log(step, eval_view_indices(len(test_data), cfg.eval_views), t_eval)
+            evaluated_at = step
         dt = time.time() - t_eval
         eval_seconds += dt
         t_window += dt   # keep rendering time out of rays/s
 
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            saved = save(step)
-        if out_of_time:
-            tqdm.write(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
-            break
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            saved_at = step if save(step) else None
     pbar.close()
-    if stop['signal'] is not None:
-        saved = save(step)
-        name = signal.Signals(stop['signal']).name
-        print(f'{name}: stopped at step {step}' + (f', saved {checkpoint_path(cfg.log_dir, step)}' if saved else '')
-              + '; continue with the same command plus --resume')
+
+    if signalled:
+        saved = saved_at == step or save(step)
+        if main:
+            name = signal.Signals(stop['signal'] or signal.SIGTERM).name
+            print(f'{name}: stopped at step {step}' + (f', saved {checkpoint_path(cfg.log_dir, step)}' if saved else '')
+                  + '; continue with the same command plus --resume')
+            writer.close()
+        sys.exit(EXIT_CODES[stop['signal'] or signal.SIGTERM])
+    if out_of_time and main:
+        tqdm.write(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
+    if main and cfg.eval_every and evaluated_at != step:   # the end: all test views
+        evaluate_and_log(step, eval_view_indices(len(test_data), 0), time.time())
+    saved = saved_at == step or save(step)
+    if main:
         writer.close()
-        sys.exit(EXIT_CODES[stop['signal']])
-    writer.close()
-    if not saved:
-        sys.stderr.write(f'train.py: error: the final checkpoint could not be saved to {cfg.log_dir} (see above)\n')
-        sys.exit(1)
-    print(f'done: {step} steps, checkpoint in {cfg.log_dir}')
+        if not saved:
+            sys.stderr.write(f'train.py: error: the final checkpoint could not be saved to {cfg.log_dir} (see above)\n')
+            sys.exit(1)
+        print(f'done: {step} steps, checkpoint in {cfg.log_dir}')
 
 
 if __name__ == '__main__':

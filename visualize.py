@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import config as config_lib
 import datasets
+import ddp
 import pose_utils
 from model import load_run
 
@@ -148,7 +149,7 @@ def main(argv=None):
             fail(f'--{k} must be positive, got {getattr(args, k)}')
     try:
         config_lib.validate_device(args.device)
-        device = config_lib.resolve_device(args.device)
+        device = ddp.setup(config_lib.resolve_device(args.device))
         model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
         if args.base_dir:
             cfg.base_dir = args.base_dir
@@ -158,32 +159,56 @@ def main(argv=None):
                                        args.elevation, args.zoom_near, args.zoom_far)
     except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
         fail(e)
+    try:
+        write_videos(args, model, path, poses, frames, ckpt['step'])
+    finally:
+        ddp.cleanup()
+
+
+def render_frame(model, args, c2w, camera):
+    """The uint8 frames of one camera: {'video': ..., 'depth': ..., 'normals': ...} as asked."""
+    pix2cam, h, w, near, far, ndc = camera
+    out = model.render_image(frame_rays(c2w, pix2cam, h, w, near, far, ndc), args.chunk,
+                             normals=args.visualize_normals)
+    rgb, distance, acc = out[:3]
+    images = {'video': to_uint8(rgb)}
+    if args.visualize_depth:
+        images['depth'] = colorize_depth(distance, near, far, acc)
+    if args.visualize_normals:
+        images['normals'] = to_uint8(normals_to_rgb(out[3], acc))
+    return images
+
+
+def write_videos(args, model, path, poses, frames, step):
+    """Stream frames into the videos; under torchrun, ranks render frames round-robin for rank 0 to write."""
+    rank, world, main = ddp.rank(), ddp.world_size(), ddp.is_main()
     out_dir = args.out_dir or args.log_dir
-    os.makedirs(out_dir, exist_ok=True)
     names = ['video'] + ['depth'] * args.visualize_depth + ['normals'] * args.visualize_normals
     tmp = {n: os.path.join(out_dir, f'{n}.partial.mp4') for n in names}
-    writers = {n: imageio.get_writer(tmp[n], fps=args.fps, codec='libx264', quality=8, macro_block_size=2)
-               for n in names}
+    writers = {}
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        writers = {n: imageio.get_writer(tmp[n], fps=args.fps, codec='libx264', quality=8, macro_block_size=2)
+                   for n in names}
     try:
-        for c2w, (pix2cam, h, w, near, far, ndc) in zip(tqdm(poses, desc=f'{path} path', dynamic_ncols=True), frames):
-            rays = frame_rays(c2w, pix2cam, h, w, near, far, ndc)
-            out = model.render_image(rays, args.chunk, normals=args.visualize_normals)
-            rgb, distance, acc = out[:3]
-            writers['video'].append_data(to_uint8(rgb))
-            if args.visualize_depth:
-                writers['depth'].append_data(colorize_depth(distance, near, far, acc))
-            if args.visualize_normals:
-                writers['normals'].append_data(to_uint8(normals_to_rgb(out[3], acc)))
+        for first in tqdm(range(0, len(poses), world), desc=f'{path} path', dynamic_ncols=True, disable=not main):
+            k = first + rank
+            images = render_frame(model, args, poses[k], frames[k]) if k < len(poses) else None
+            for part in ddp.gather(images) or []:       # frames first .. first + world - 1, in order
+                for n in names if part is not None else []:
+                    writers[n].append_data(part[n])
     except BaseException:
-        for n in names:
+        for n in writers:
             writers[n].close()
             os.remove(tmp[n])
         raise
+    if not main:
+        return
     for n in names:
         writers[n].close()
         os.replace(tmp[n], os.path.join(out_dir, f'{n}.mp4'))
     print(f'wrote {", ".join(n + ".mp4" for n in names)} to {out_dir} '
-          f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {ckpt["step"]})')
+          f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {step})')
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config as config_lib  # noqa: E402
 import datasets  # noqa: E402
+import ddp  # noqa: E402
 import extract_mesh  # noqa: E402
 import ray_utils  # noqa: E402
 import train  # noqa: E402
@@ -75,12 +76,15 @@ def bench_variant(name, args, data, device):
     model = MipNeRF.from_config(cfg).to(device)
     if extra == 'compile':
         model.mlp.compile()
+    net = model
+    if ddp.launched():   # the DDP path, as train.py takes it under torchrun
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0)
 
     def step():
-        train.train_step(model, opt, schedule, sampler, cfg, 0)
+        train.train_step(net, opt, schedule, sampler, cfg, 0)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -143,12 +147,13 @@ def main(argv=None):
     if args.quick:
         args.batch_size, args.num_samples, args.net_width = 256, 16, 64
         args.image_size, args.grid_size, args.steps, args.warmup = 32, 16, 3, 1
-    device = config_lib.resolve_device(args.device)
+    device = ddp.setup(config_lib.resolve_device(args.device))
     if args.base_dir:
         data = datasets.get_dataset('blender', args.base_dir, 'train')
     else:
         data = synthetic_scene(8 if args.quick else 100, args.image_size)
-    print(f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, '
+    print(f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
+          + (f' (DDP, {ddp.world_size()} process)' if ddp.launched() else '') + ', '
           f'torch {torch.__version__}, batch {args.batch_size}, 2 x {args.num_samples} samples, '
           f'width {args.net_width}, data {args.base_dir or "synthetic"}', flush=True)
     rows = []
