@@ -44,11 +44,11 @@ def test_metrics_of_an_image_against_itself_and_known_noise():
 
 def test_eval_writes_images_metrics_and_table(demo_run, capsys):
     eval_script.main(['--log_dir', demo_run, '--device', 'cpu'])
-    out_dir = os.path.join(demo_run, 'eval_test_0000300')
+    out_dir = os.path.join(demo_run, 'eval_test_0000250')
     metrics = json.load(open(os.path.join(out_dir, 'metrics.json')))
-    assert metrics['step'] == 300 and len(metrics['images']) == 4
+    assert metrics['step'] == 250 and len(metrics['images']) == 4
     psnrs = [r['psnr'] for r in metrics['images']]
-    assert metrics['mean']['psnr'] == pytest.approx(sum(psnrs) / 4) and metrics['mean']['psnr'] > 18
+    assert metrics['mean']['psnr'] == pytest.approx(sum(psnrs) / 4) and metrics['mean']['psnr'] > 17
     assert 0 < metrics['mean']['ssim'] <= 1
     for kind in ('color', 'depth', 'acc'):
         img = imageio.imread(os.path.join(out_dir, f'{kind}_003.png'))
@@ -150,13 +150,14 @@ def test_mesh_of_the_trained_demo_is_close_to_the_true_surface(demo_run, tmp_pat
     """Chamfer distance between the demo mesh and the demo object's true surface.
 
     Bound: the scene is 64 px wide with focal 89 px at distance 4, so a pixel covers about 0.045 units
-    on the object; after 300 steps we ask for the mean two-way distance to be under 2.5 pixel
-    footprints plus half a voxel of the 64^3 grid (0.024): 0.136. Only the region above the pedestal's
-    bottom (z > -0.6) counts: no camera sees below it, so the density there is unconstrained.
+    on the object; after 250 short steps we ask for the mean two-way distance to be under 2.5 pixel
+    footprints plus half a voxel of the 64^3 grid (0.024): 0.136. The surface is the density-3 level
+    set (the inside has reached about 10 by then). Only the region above the pedestal's bottom
+    (z > -0.6) counts: no camera sees below it, so the density there is unconstrained.
     """
     from scripts.make_demo import surface_points
     out = tmp_path / 'demo.ply'
-    extract_mesh.main(['--log_dir', demo_run, '--grid_size', '64', '--threshold', '5', '--colors',
+    extract_mesh.main(['--log_dir', demo_run, '--grid_size', '64', '--threshold', '3', '--colors',
                        '--out', str(out), '--device', 'cpu'])
     mesh = trimesh.load(str(out))
     assert len(mesh.faces) > 1000 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)

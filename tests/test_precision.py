@@ -81,8 +81,8 @@ def test_bf16_training_step_on_cuda_matches_fp32_closely():
 
 def test_benchmark_smoke():
     res = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick', '--device', 'cpu',
-                          '--variants', 'fp32,bf16'], capture_output=True, text=True, timeout=300)
+                          '--variants', 'fp32'], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[-4].startswith('| variant | rays/s | ms/step | render s/frame')
-    assert lines[-2].startswith('| fp32 |') and lines[-1].startswith('| bf16 |')
+    assert lines[-3].startswith('| variant | rays/s | ms/step | render s/frame')
+    assert lines[-1].startswith('| fp32 |')
