@@ -153,6 +153,29 @@ def build_parser():
     return p
 
 
+def positive_int(v):
+    n = int(v)
+    if n <= 0:
+        raise configargparse.ArgumentTypeError(f'must be positive, got {n}')
+    return n
+
+
+def run_parser(description, chunk=8192, data=True):
+    """A parser with the flags shared by the scripts that use a trained run.
+
+    --log_dir (the run; its latest checkpoint), --ckpt, --base_dir (when
+    `data`), --chunk and --device; errors are one line, as for train.py.
+    """
+    p = _Parser(description=description)
+    p.add_argument('--log_dir', required=True, help='run folder (its latest checkpoint is used)')
+    p.add_argument('--ckpt', default=None, help='a checkpoint file instead of the latest one')
+    if data:
+        p.add_argument('--base_dir', default=None, help='scene folder, if it moved since training')
+    p.add_argument('--chunk', type=positive_int, default=chunk, help='rays or points per forward pass')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    return p
+
+
 def apply_dataset_defaults(cfg):
     for k, v in DATASET_DEFAULTS[cfg.dataset_name].items():
         if getattr(cfg, k) is None:

@@ -10,7 +10,6 @@ complete), and prints a table. For Multicam scenes the table has one column
 per scale, in the layout of the paper's multiscale table. LPIPS needs the
 `lpips` package and its weights; without them a one-line note says so.
 """
-import argparse
 import json
 import math
 import os
@@ -18,14 +17,12 @@ import shutil
 import sys
 
 import cv2
-import torch
 from tqdm import tqdm
 
 import config as config_lib
-import datasets
 import ddp
 from loss import LPIPS, average_error, mse_to_psnr, ssim
-from model import load_run
+from model import open_run
 from visualize import colorize_depth, to_uint8
 
 SCALE_NAMES = ['Full Res.', '1/2 Res.', '1/4 Res.', '1/8 Res.']
@@ -70,14 +67,9 @@ def format_table(metrics):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='Evaluate a trained mip-NeRF on its test split.')
-    p.add_argument('--log_dir', required=True, help='run folder (its latest checkpoint is used)')
-    p.add_argument('--ckpt', default=None, help='a checkpoint file instead of the latest one')
-    p.add_argument('--base_dir', default=None, help='scene folder, if it moved since training')
+    p = config_lib.run_parser('Evaluate a trained mip-NeRF on its test split.')
     p.add_argument('--split', default='test', help='split to evaluate')
     p.add_argument('--out_dir', default=None, help='output folder (default: <log_dir>/eval_<split>_<step>)')
-    p.add_argument('--chunk', type=int, default=8192, help='rays per forward pass')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     return p
 
 
@@ -88,16 +80,9 @@ def fail(message):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.chunk <= 0:
-        fail(f'--chunk must be positive, got {args.chunk}')
     try:
-        config_lib.validate_device(args.device)
-        device = ddp.setup(config_lib.resolve_device(args.device))
-        model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
-        if args.base_dir:
-            cfg.base_dir = args.base_dir
-        data = datasets.dataset_from_config(cfg, args.split)
-    except (FileNotFoundError, datasets.DataError, config_lib.ConfigError) as e:
+        model, cfg, ckpt, device, data = open_run(args, args.split)
+    except (FileNotFoundError, ValueError) as e:
         fail(e)
     try:
         run(args, model, data, ckpt['step'], device)

@@ -13,7 +13,6 @@ writes .ply, .obj or .glb (by extension). The box defaults to the
 dataset's: the [-1.5, 1.5]^3 cube for Blender-style scenes, the NDC cube
 [-1, 1]^3 for LLFF (the mesh is then in NDC).
 """
-import argparse
 import os
 import sys
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 import config as config_lib
 import ddp
 import ray_utils
-from model import load_run
+from model import open_run
 
 DEFAULT_BBOX = {'llff': (-1., -1., -1., 1., 1., 1.)}
 BLENDER_BBOX = (-1.5, -1.5, -1.5, 1.5, 1.5, 1.5)
@@ -119,9 +118,7 @@ def model_fns(model, voxel_size):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='Extract a marching-cubes mesh from a trained mip-NeRF.')
-    p.add_argument('--log_dir', required=True, help='run folder (its latest checkpoint is used)')
-    p.add_argument('--ckpt', default=None, help='a checkpoint file instead of the latest one')
+    p = config_lib.run_parser('Extract a marching-cubes mesh from a trained mip-NeRF.', chunk=1 << 18, data=False)
     p.add_argument('--grid_size', type=int, default=256, help='grid nodes per axis')
     p.add_argument('--threshold', type=float, default=50., help='density of the surface')
     p.add_argument('--bbox', type=float, nargs=6, default=None, metavar=('XMIN', 'YMIN', 'ZMIN', 'XMAX', 'YMAX', 'ZMAX'),
@@ -131,8 +128,6 @@ def build_parser():
     p.add_argument('--min_component', type=float, default=0.05,
                    help='drop pieces with fewer faces than this fraction of the largest (0: keep all)')
     p.add_argument('--out', default=None, help='.ply, .obj or .glb file (default: <log_dir>/mesh.ply)')
-    p.add_argument('--chunk', type=int, default=1 << 18, help='points per forward pass')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     return p
 
 
@@ -146,13 +141,11 @@ def main(argv=None):
     out = args.out or os.path.join(args.log_dir, 'mesh.ply')
     if os.path.splitext(out)[1].lower() not in ('.ply', '.obj', '.glb'):
         fail(f'--out {out}: use a .ply, .obj or .glb file name')
-    if args.grid_size < 2 or args.chunk <= 0:
-        fail('--grid_size must be at least 2 and --chunk positive')
+    if args.grid_size < 2:
+        fail(f'--grid_size must be at least 2, got {args.grid_size}')
     try:
-        config_lib.validate_device(args.device)
-        device = ddp.setup(config_lib.resolve_device(args.device))
-        model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
-    except (FileNotFoundError, config_lib.ConfigError) as e:
+        model, cfg, ckpt, device, _ = open_run(args)
+    except (FileNotFoundError, ValueError) as e:
         fail(e)
     try:
         extract(args, out, model, cfg, ckpt, device)

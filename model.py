@@ -279,3 +279,23 @@ def load_run(path, device='cpu'):
         path = found[-1]
     model, ckpt = load_checkpoint(path, device)
     return model, argparse.Namespace(**ckpt['config']), ckpt
+
+
+def open_run(args, split=None):
+    """What a script needs from a trained run, given `config.run_parser` flags.
+
+    Joins the torchrun process group if there is one, rebuilds the model and
+    config from the checkpoint and, with `split`, loads that split of the
+    scene (from --base_dir if given). Returns (model, cfg, ckpt, device,
+    data); raises FileNotFoundError or ValueError with a one-line message.
+    """
+    import config as config_lib
+    import datasets
+    import ddp
+    config_lib.validate_device(args.device)
+    device = ddp.setup(config_lib.resolve_device(args.device))
+    model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
+    if getattr(args, 'base_dir', None):
+        cfg.base_dir = args.base_dir
+    data = datasets.dataset_from_config(cfg, split) if split else None
+    return model, cfg, ckpt, device, data

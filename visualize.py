@@ -10,7 +10,6 @@ each file is renamed into place only when complete. The camera intrinsics,
 near/far bounds and NDC warp come from the run's dataset; the model and its
 config from the run's checkpoint.
 """
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ import config as config_lib
 import datasets
 import ddp
 import pose_utils
-from model import load_run
+from model import open_run
 
 
 # ----------------------------------------------------------------------------
@@ -56,13 +55,6 @@ def colorize_depth(distance, near, far, acc=None):
 def normals_to_rgb(normals, acc):
     """Composited normals `[H, W, 3]` (sum of w n) -> colours (n + 1) / 2 over white."""
     return (normals + acc[..., None]) / 2 + (1 - acc[..., None])
-
-
-def write_png(path, img_uint8):
-    """Write an RGB (or grey) uint8 image."""
-    arr = img_uint8[..., ::-1] if img_uint8.ndim == 3 else img_uint8
-    if not cv2.imwrite(path, arr):
-        raise OSError(f'could not write {path}')
 
 
 # ----------------------------------------------------------------------------
@@ -114,15 +106,13 @@ def frame_rays(c2w, pix2cam, h, w, near, far, ndc):
 # ----------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description='Render videos of a trained mip-NeRF along a camera path.')
-    p.add_argument('--log_dir', required=True, help='run folder (its latest checkpoint is used)')
-    p.add_argument('--ckpt', default=None, help='a checkpoint file instead of the latest one')
-    p.add_argument('--base_dir', default=None, help='scene folder, if it moved since training')
+    p = config_lib.run_parser('Render videos of a trained mip-NeRF along a camera path.')
     p.add_argument('--path', default=None, choices=['spherical', 'spiral', 'zoom'],
                    help='camera path (default: spiral for LLFF, spherical otherwise)')
-    p.add_argument('--n_frames', type=int, default=120)
-    p.add_argument('--fps', type=int, default=30)
-    p.add_argument('--render_factor', type=int, default=1, help='render at 1/N of the dataset resolution')
+    p.add_argument('--n_frames', type=config_lib.positive_int, default=120)
+    p.add_argument('--fps', type=config_lib.positive_int, default=30)
+    p.add_argument('--render_factor', type=config_lib.positive_int, default=1,
+                   help='render at 1/N of the dataset resolution')
     p.add_argument('--visualize_depth', type=config_lib.str2bool, nargs='?', const=True, default=False,
                    metavar='BOOL', help='also write depth.mp4')
     p.add_argument('--visualize_normals', type=config_lib.str2bool, nargs='?', const=True, default=False,
@@ -132,8 +122,6 @@ def build_parser():
     p.add_argument('--zoom_near', type=float, default=None, help='zoom path: nearest distance (default 0.75 x radius)')
     p.add_argument('--zoom_far', type=float, default=None, help='zoom path: farthest distance (default 2 x radius)')
     p.add_argument('--out_dir', default=None, help='where the videos go (default: --log_dir)')
-    p.add_argument('--chunk', type=int, default=8192, help='rays per forward pass')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     return p
 
 
@@ -144,16 +132,8 @@ def fail(message):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for k in ('n_frames', 'fps', 'render_factor', 'chunk'):
-        if getattr(args, k) <= 0:
-            fail(f'--{k} must be positive, got {getattr(args, k)}')
     try:
-        config_lib.validate_device(args.device)
-        device = ddp.setup(config_lib.resolve_device(args.device))
-        model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
-        if args.base_dir:
-            cfg.base_dir = args.base_dir
-        data = datasets.dataset_from_config(cfg, 'test')
+        model, cfg, ckpt, device, data = open_run(args, 'test')
         path = args.path or ('spiral' if data.ndc is not None else 'spherical')
         poses, frames = render_cameras(cfg, data, path, args.n_frames, args.render_factor, args.radius,
                                        args.elevation, args.zoom_near, args.zoom_far)

@@ -64,3 +64,18 @@ check_multicam() {
     [ -f "$root/$s/metadata.json" ] || { echo "missing $root/$s/metadata.json"; return 1; }
   done
 }
+
+# download_dataset DATA_DIR NAME URL CHECK LABEL SCENES: fetch DATA_DIR/NAME.zip from URL unless
+# CHECK passes on DATA_DIR/NAME already, unpack it, check the layout, remove the archive.
+download_dataset() {
+  local data_dir=$1 name=$2 url=$3 check=$4 label=$5 scenes=$6 problem
+  mkdir -p "$data_dir"
+  if "$check" "$data_dir/$name" >/dev/null; then
+    echo "$label already in $data_dir/$name"; return 0
+  fi
+  [ -f "$data_dir/$name.zip" ] || fetch_zip "$url" "$data_dir/$name.zip"
+  unpack_zip "$data_dir/$name.zip" "$data_dir" "$name"
+  problem=$("$check" "$data_dir/$name") || die "unpacked, but the layout is incomplete: $problem"
+  rm -f "$data_dir/$name.zip"
+  echo "$label are in $data_dir/$name ($scenes)"
+}

@@ -29,7 +29,7 @@ def loss_of(model, rays, target):
 
 
 def main():
-    device = ddp.setup(torch.device('cpu'))
+    ddp.setup(torch.device("cpu"))
     rank, world = ddp.rank(), ddp.world_size()
     torch.manual_seed(0)
     model = MipNeRF(ModelArgs(num_samples=16, net_width=64, net_depth=4, skip_layer=2), randomized=False)

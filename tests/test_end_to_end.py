@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
