@@ -39,7 +39,7 @@ DATASET_DEFAULTS = {
 # Flags that must be > 0, and flags that must be >= 0.
 POSITIVE = ('batch_size', 'max_steps', 'num_samples', 'num_levels', 'net_depth', 'net_width',
             'net_depth_condition', 'net_width_condition', 'chunk', 'lr_init', 'lr_final',
-            'log_every', 'keep_checkpoints', 'max_nonfinite')
+            'log_every', 'keep_checkpoints', 'max_nonfinite', 'llffhold')
 NON_NEGATIVE = ('factor', 'min_deg_point', 'deg_view', 'skip_layer', 'lr_delay_steps',
                 'coarse_loss_mult', 'density_noise', 'resample_padding', 'render_every',
                 'eval_every', 'save_every', 'eval_views', 'grad_max_norm', 'near', 'max_minutes')

@@ -256,6 +256,8 @@ def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0., far=1., llff
     indices = np.arange(len(files))
     test = indices[::llffhold] if llffhold > 0 else np.array([], dtype=int)
     keep = test if split == 'test' else np.setdiff1d(indices, test)
+    if len(keep) == 0:
+        raise DataError(f'{folder}: the {split!r} split is empty with llffhold={llffhold} and {len(files)} images')
     files = [files[i] for i in keep]
     images = _same_size(_read_all(files, lambda p: composite(read_image(p), white_bkgd)), files)
     n, h, w = images.shape[:3]
