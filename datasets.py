@@ -366,4 +366,4 @@ class RaySampler:
         return {'generator': self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state['generator'])
+        self.generator.set_state(state['generator'].cpu())   # a CPU byte tensor, wherever it was loaded

@@ -89,9 +89,10 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state['cpu'])
+    # RNG states must be CPU byte tensors; torch.load(map_location=cuda) moved them.
+    torch.set_rng_state(state['cpu'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 def host_memory_mb():
