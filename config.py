@@ -136,7 +136,10 @@ def build_parser():
     flag('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
     flag('--precision', default='fp32', choices=['fp32', 'tf32', 'bf16'],
          help='matrix precision: fp32, tf32 (CUDA), or bf16 (MLP under bfloat16 autocast; the rest float32)')
-    boolean('--compile', False, 'torch.compile the MLP')
+    flag('--kernels', default='torch', choices=['torch', 'triton'],
+         help='MLP implementation: torch, or triton (fused Triton kernels; needs --precision bf16, CUDA and '
+              'Triton; faster than eager bf16, slower than --compile: misc/benchmarks.md)')
+    boolean('--compile', False, 'torch.compile the MLP (the plain PyTorch one)')
 
     g = p.add_argument_group('logging and checkpoints')
     flag = g.add_argument
@@ -173,6 +176,10 @@ def run_parser(description, chunk=8192, data=True):
         p.add_argument('--base_dir', default=None, help='scene folder, if it moved since training')
     p.add_argument('--chunk', type=positive_int, default=chunk, help='rays or points per forward pass')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--precision', default=None, choices=['fp32', 'tf32', 'bf16'],
+                   help="matrix precision for rendering (default: the run's)")
+    p.add_argument('--kernels', default=None, choices=['torch', 'triton'],
+                   help="MLP implementation (default: the run's)")
     return p
 
 

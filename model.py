@@ -15,6 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+import fused_mlp
 import ray_utils
 
 
@@ -75,6 +76,7 @@ class MLP(nn.Module):
     def __init__(self, x_dim, cond_dim, a: ModelArgs):
         super().__init__()
         self.skip_layer = a.skip_layer
+        self.x_dim, self.net_width, self.net_width_condition = x_dim, a.net_width, a.net_width_condition
         layers, in_dim = [], x_dim
         for i in range(a.net_depth):
             layers.append(_dense(in_dim, a.net_width))
@@ -138,6 +140,8 @@ class MipNeRF(nn.Module):
         self.randomized = randomized
         # Run the MLP under bfloat16 autocast; sampling, IPE and compositing stay float32.
         self.bf16 = False
+        self.kernels = 'torch'  # or 'triton': the fused MLP kernels (bf16 on CUDA), fused_mlp.py
+        self._packed = None     # (parameter versions, fused_mlp.Packed)
         a = self.args
         x_dim = 2 * 3 * (a.max_deg_point - a.min_deg_point)
         cond_dim = 3 + 2 * 3 * a.deg_view if a.use_viewdirs else 0
@@ -147,6 +151,7 @@ class MipNeRF(nn.Module):
     def from_config(cls, cfg):
         model = cls(ModelArgs.from_config(cfg), randomized=cfg.randomized)
         model.set_precision(getattr(cfg, 'precision', 'fp32'))
+        model.kernels = getattr(cfg, 'kernels', 'torch')
         return model
 
     def set_precision(self, precision):
@@ -207,7 +212,9 @@ class MipNeRF(nn.Module):
         if a.disable_integration:
             cov = torch.zeros_like(cov)
         x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
-        if self.bf16:
+        if self.use_fused(x):
+            raw_rgb, raw_density = fused_mlp.fused_forward(self.mlp, self.packed_weights(), x, view_enc)
+        elif self.bf16:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 raw_rgb, raw_density = self.mlp(x, view_enc)
             raw_rgb, raw_density = raw_rgb.float(), raw_density.float()
@@ -217,6 +224,37 @@ class MipNeRF(nn.Module):
             raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
         rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding
         return rgb, F.softplus(raw_density + a.density_bias)
+
+    def fused_reason(self, device):
+        """None if the fused Triton MLP runs for inputs on `device`, else why not."""
+        if self.kernels != 'triton':
+            return '--kernels torch'
+        if not self.bf16:
+            return 'the fused kernels run in bf16 only (--precision bf16)'
+        if not fused_mlp.available():
+            return 'Triton is not installed'
+        if torch.device(device).type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
+            return 'the fused kernels need CUDA'
+        return fused_mlp.supported(self.mlp)
+
+    def use_fused(self, x):
+        # Inputs that need a gradient (normals) take the plain path: the kernels have no input gradient.
+        return not x.requires_grad and self.fused_reason(x.device) is None
+
+    def watch_optimizer(self, optimizer):
+        """Rebuild the fused kernels' weights after each step of `optimizer` (fused Adam
+        updates parameters without bumping their version counters)."""
+        def forget(*_):
+            self._packed = None
+        optimizer.register_step_post_hook(forget)
+        return optimizer
+
+    def packed_weights(self):
+        """The MLP's weights in the kernels' layout, rebuilt when a parameter changed."""
+        key = tuple((p.data_ptr(), p._version) for p in self.mlp.parameters())
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, fused_mlp.Packed(self.mlp))
+        return self._packed[1]
 
     @torch.no_grad()
     def render_image(self, rays, chunk=8192, normals=False):
@@ -295,6 +333,10 @@ def open_run(args, split=None):
     config_lib.validate_device(args.device)
     device = ddp.setup(config_lib.resolve_device(args.device))
     model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
+    model.set_precision(getattr(args, 'precision', None) or getattr(cfg, 'precision', 'fp32'))
+    model.kernels = getattr(args, 'kernels', None) or getattr(cfg, 'kernels', 'torch')
+    if model.kernels == 'triton' and model.fused_reason(device):
+        raise ValueError(f'--kernels triton: {model.fused_reason(device)}')
     if getattr(args, 'base_dir', None):
         cfg.base_dir = args.base_dir
     data = datasets.dataset_from_config(cfg, split) if split else None

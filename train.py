@@ -217,12 +217,17 @@ def run(cfg, stop):
         fail(e)
 
     model = MipNeRF.from_config(cfg).to(device)
+    reason = model.fused_reason(device)
+    if cfg.kernels == 'triton' and reason:
+        fail(f'--kernels triton: {reason}; use --kernels auto or torch')
+    if main and reason is None:
+        print('MLP: fused Triton kernels (bf16)')
     if cfg.compile:
         model.mlp.compile()
     net = model
     if ddp.launched():
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
+    optimizer = model.watch_optimizer(torch.optim.Adam(model.parameters(), lr=cfg.lr_init))
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank)
     if rank:

@@ -1,10 +1,11 @@
 """Speed benchmark: training throughput, rendering and mesh-grid time, peak memory.
 
     python scripts/benchmark.py                                    # GPU, default network, synthetic 800x800 data
-    python scripts/benchmark.py --base_dir data/nerf_synthetic/lego --variants fp32,tf32,bf16,bf16+compile
+    python scripts/benchmark.py --base_dir data/nerf_synthetic/lego --variants fp32,tf32,bf16,bf16+compile,bf16+triton
     python scripts/benchmark.py --quick --device cpu               # small sizes: a smoke test for CI
 
-For each variant (precision, optionally +compile) it times whole training
+For each variant (a precision, then optionally +compile for torch.compile of
+the PyTorch MLP or +triton for the fused Triton MLP) it times whole training
 steps (ray sampling on the device, both levels, loss, backward, Adam, the
 schedule), then the parts of a step on their own (sampling + Gaussians, IPE,
 MLP forward and backward, compositing), renders one full frame and one
@@ -24,6 +25,7 @@ import config as config_lib  # noqa: E402
 import datasets  # noqa: E402
 import ddp  # noqa: E402
 import extract_mesh  # noqa: E402
+import fused_mlp  # noqa: E402
 import ray_utils  # noqa: E402
 import train  # noqa: E402
 from model import MipNeRF  # noqa: E402
@@ -62,24 +64,30 @@ def synthetic_scene(n, size, focal_frac=1.389):
     return datasets.SceneData(images, pix2cam, c2w, 2., 6.)
 
 
-def make_cfg(args, precision):
+def make_cfg(args, precision, kernels):
     argv = ['--dataset_name', 'blender', '--base_dir', args.base_dir or '.', '--batch_size', str(args.batch_size),
             '--num_samples', str(args.num_samples), '--net_width', str(args.net_width), '--precision', precision,
-            '--max_steps', '1000000']
+            '--kernels', kernels, '--max_steps', '1000000']
     return config_lib.get_config(argv, need_data=False)
 
 
 def bench_variant(name, args, data, device):
-    precision, _, extra = name.partition('+')
-    cfg = make_cfg(args, precision)
+    precision, *extras = name.split('+')
+    unknown = set(extras) - {'compile', 'triton'}
+    if unknown:
+        raise SystemExit(f'benchmark.py: error: unknown variant option {"+".join(unknown)} in {name!r} '
+                         '(use compile or triton)')
+    cfg = make_cfg(args, precision, 'triton' if 'triton' in extras else 'torch')
     torch.manual_seed(0)
     model = MipNeRF.from_config(cfg).to(device)
-    if extra == 'compile':
+    if cfg.kernels == 'triton' and model.fused_reason(device):
+        raise SystemExit(f'benchmark.py: error: variant {name}: {model.fused_reason(device)}')
+    if 'compile' in extras:
         model.mlp.compile()
     net = model
     if ddp.launched():   # the DDP path, as train.py takes it under torchrun
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
+    opt = model.watch_optimizer(torch.optim.Adam(model.parameters(), lr=cfg.lr_init))
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0)
 
@@ -106,7 +114,9 @@ def bench_variant(name, args, data, device):
     view = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True)
 
     def mlp_fwd_bwd():
-        if model.bf16:
+        if model.use_fused(x):
+            rgb, dens = fused_mlp.fused_forward(model.mlp, model.packed_weights(), x, view)
+        elif model.bf16:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 rgb, dens = model.mlp(x, view)
         else:

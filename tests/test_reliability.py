@@ -133,6 +133,14 @@ def test_invalid_numeric_flags(scene, tmp_path, flags, needle, refuse):
     refuse(tiny_args(scene, tmp_path / 'run', *flags), needle, tmp_path / 'run')
 
 
+def test_fused_kernels_refused_where_they_cannot_run(scene, tmp_path, refuse):
+    line = refuse(tiny_args(scene, tmp_path / 'run', '--kernels', 'triton'), '--kernels triton', tmp_path / 'run')
+    assert 'bf16' in line   # float32 by default; on this CPU bf16 would then need CUDA or Triton
+    line = refuse(tiny_args(scene, tmp_path / 'run', '--kernels', 'triton', '--precision', 'bf16'),
+                  '--kernels triton', tmp_path / 'run')
+    assert 'CUDA' in line or 'Triton' in line
+
+
 # ----------------------------------------------------------------------------
 # 2. SIGKILL at random moments.
 
