@@ -33,9 +33,16 @@ def mipnerf_loss(levels, target, lossmult, coarse_loss_mult=0.1):
       loss (scalar tensor), per-level MSEs `[L]` (detached), per-level PSNRs `[L]`.
     """
     mses = torch.stack([weighted_mse(rgb, target, lossmult) for rgb, *_ in levels])
-    loss = coarse_loss_mult * mses[:-1].sum() + mses[-1]
+    loss = (level_weights(len(mses), coarse_loss_mult).to(mses) * mses).sum()
     mses = mses.detach()
     return loss, mses, mse_to_psnr(mses)
+
+
+def level_weights(num_levels, coarse_loss_mult=0.1):
+    """Each level's weight in the training loss `[num_levels]`: coarse_loss_mult, ..., 1."""
+    w = torch.full((num_levels,), coarse_loss_mult)
+    w[-1] = 1.
+    return w
 
 
 def ssim(img0, img1):

@@ -177,10 +177,19 @@ class MipNeRF(nn.Module):
           [(rgb `[..., 3]`, distance `[...]`, acc `[...]`) per level], coarse
           first; with `normals` the last tuple ends with normals `[..., 3]`.
         """
+        return list(self.levels(rays, normals))
+
+    def levels(self, rays, normals=False):
+        """`forward` one level at a time: yields each level's tuple, coarse first.
+
+        With `stop_level_grad` a level's loss can be backpropagated before the
+        next level runs (train.py does), so that only one level's activations
+        are held at a time; the gradient is the same sum.
+        """
         a = self.args
         randomized = self.randomized and self.training
         view_enc = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True) if a.use_viewdirs else None
-        ret = []
+        weights = None   # the previous level's, for resampling
         for level in range(a.num_levels):
             if level == 0:
                 t_vals, (mean, cov) = ray_utils.sample_along_rays(
@@ -203,8 +212,7 @@ class MipNeRF(nn.Module):
             if want_normals:
                 n = -grad / torch.linalg.norm(grad, dim=-1, keepdim=True).clamp_min(1e-12)
                 out = out + ((weights[..., None] * n).sum(-2),)
-            ret.append(out)
-        return ret
+            yield out
 
     def query(self, mean, cov, view_enc, randomized=False):
         """Colour `[..., S, 3]` and density `[..., S]` of Gaussians (mean, cov_diag `[..., S, 3]`)."""

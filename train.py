@@ -28,7 +28,7 @@ from tqdm import tqdm
 import config as config_lib
 import datasets
 import ddp
-from loss import mipnerf_loss, mse_to_psnr
+from loss import level_weights, mipnerf_loss, mse_to_psnr, weighted_mse
 from model import MipNeRF, list_checkpoints
 from scheduler import Schedule
 from visualize import colorize_depth
@@ -115,9 +115,22 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
     """
     rays, target = sampler.sample()
     lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
-    loss, _, psnrs = mipnerf_loss(model(rays), target, lossmult, cfg.coarse_loss_mult)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not model.args.stop_level_grad:
+        loss, _, psnrs = mipnerf_loss(model(rays), target, lossmult, cfg.coarse_loss_mult)
+        loss.backward()
+    else:
+        # Level by level: no gradient flows between levels, so each level's loss is
+        # backpropagated before the next level runs and only one level's activations are
+        # held (half the memory). The gradient is the same sum as one backward of the total.
+        weights, mses = level_weights(model.args.num_levels, cfg.coarse_loss_mult).tolist(), []
+        for w, (rgb, *_) in zip(weights, model.levels(rays)):
+            mse = weighted_mse(rgb, target, lossmult)
+            (w * mse).backward()
+            mses.append(mse.detach())
+        mses = torch.stack(mses)
+        loss = (torch.tensor(weights).to(mses) * mses).sum()
+        psnrs = mse_to_psnr(mses)
     max_norm = cfg.grad_max_norm if cfg.grad_max_norm > 0 else float('inf')
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = bool(torch.isfinite(loss.detach() + grad_norm))
