@@ -178,3 +178,15 @@ def test_mesh_refuses_a_threshold_without_surface(demo_run, tmp_path):
         extract_mesh.main(['--log_dir', demo_run, '--grid_size', '16', '--threshold', '1e6',
                            '--out', str(tmp_path / 'm.ply'), '--device', 'cpu'])
     assert e.value.code == 2 and not (tmp_path / 'm.ply').exists()
+
+
+def test_scripts_render_at_the_runs_precision_unless_told(demo_run):
+    import config as config_lib
+    from model import open_run
+    parser = config_lib.run_parser('test', data=False)
+    model, cfg, *_ = open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu']))
+    assert cfg.precision == 'fp32' and not model.bf16 and model.kernels == 'torch'
+    model, *_ = open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu', '--precision', 'bf16']))
+    assert model.bf16
+    with pytest.raises(ValueError, match='--kernels triton: '):
+        open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu', '--kernels', 'triton']))
