@@ -26,6 +26,10 @@ raw RGB and density are float32. `tests/test_fused.py` compares both
 directions with the plain module. Only inputs that need no gradient are
 supported (the MLP's input is a function of the rays, not of parameters);
 normals, which differentiate with respect to the input, take the plain path.
+
+Speed (H100, misc/benchmarks.md): faster than the eager bf16 MLP, slower than
+torch.compile for now, so `--kernels triton` is opt-in. See `_mma_sync` for why
+the kernels avoid Hopper's wgmma.
 """
 import contextlib
 import os
@@ -49,7 +53,7 @@ def available():
 
 
 def supported(mlp):
-    """Whether `model.MLP` has a shape the kernels handle; else a reason (str)."""
+    """None if the kernels handle this `model.MLP`'s shape, else the reason (str)."""
     w, c = mlp.net_width, mlp.net_width_condition
     pow2 = lambda n: n & (n - 1) == 0
     if not mlp.use_viewdirs or len(mlp.condition) != 1:
