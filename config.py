@@ -59,6 +59,12 @@ def str2bool(v):
     raise configargparse.ArgumentTypeError(f'expected true or false, got {v!r}')
 
 
+def fail(prog, message):
+    """Exit with status 2 and one line, `prog: error: message`, as the parsers do."""
+    sys.stderr.write(f'{prog}: error: {message}\n')
+    sys.exit(2)
+
+
 class _Parser(configargparse.ArgumentParser):
     def error(self, message):
         """One line, no usage block, exit status 2."""

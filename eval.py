@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import cv2
 from tqdm import tqdm
@@ -74,8 +73,7 @@ def build_parser():
 
 
 def fail(message):
-    sys.stderr.write(f'eval.py: error: {message}\n')
-    sys.exit(2)
+    config_lib.fail('eval.py', message)
 
 
 def main(argv=None):

@@ -14,7 +14,6 @@ dataset's: the [-1.5, 1.5]^3 cube for Blender-style scenes, the NDC cube
 [-1, 1]^3 for LLFF (the mesh is then in NDC).
 """
 import os
-import sys
 
 import mcubes
 import numpy as np
@@ -132,8 +131,7 @@ def build_parser():
 
 
 def fail(message):
-    sys.stderr.write(f'extract_mesh.py: error: {message}\n')
-    sys.exit(2)
+    config_lib.fail('extract_mesh.py', message)
 
 
 def main(argv=None):

@@ -247,18 +247,15 @@ class Packed:
         dev = mlp.trunk[0].weight.device
         wx = torch.zeros(D, self.X, Wd, dtype=bf, device=dev)      # [in, out] x-input weights per layer
         wh = torch.zeros(D, Wd, Wd, dtype=bf, device=dev)          # [in, out] h-input weights (forward)
-        xin, self.xcol = [], {}
+        self.takes_x = [i == 0 or mlp._skip_after(i - 1) for i in range(D)]   # layer i reads x
         for i, layer in enumerate(mlp.trunk):
             w = layer.weight.detach()
-            takes_x = i == 0 or mlp._skip_after(i - 1)
-            h_in = 0 if i == 0 else Wd
-            xin.append(int(takes_x))
-            if takes_x:
-                self.xcol[i] = h_in          # the x columns follow the h columns in the official concat
+            h_in = 0 if i == 0 else Wd   # the x columns follow the h columns in the official concat
+            if self.takes_x[i]:
                 wx[i, :mlp.x_dim] = w[:, h_in:].t()
             if i > 0:
                 wh[i] = w[:, :Wd].t()
-        self.xin = torch.tensor(xin, dtype=torch.int32, device=dev)   # layer i reads x
+        self.xin = torch.tensor(self.takes_x, dtype=torch.int32, device=dev)
         self.wx, self.wh = wx.contiguous(), wh.contiguous()
         self.whT = wh.transpose(1, 2).contiguous()                 # [out, in] (backward)
         self.bh = torch.stack([l.bias.detach() for l in mlp.trunk]).to(f32).contiguous()
@@ -326,7 +323,7 @@ class _FusedMLP(torch.autograd.Function):
         grads = []
         for i in range(p.D):   # trunk weights: dW_i = dZ_i^T [H_{i-1}, x]
             parts = [] if i == 0 else [g[i].t() @ hs[i - 1]]
-            if i in p.xcol:
+            if p.takes_x[i]:
                 parts.append(g[i].t() @ xs)
             grads.append(torch.cat(parts, 1).float())
         grads += [bias[i] for i in range(p.D)]

@@ -33,16 +33,19 @@ def mipnerf_loss(levels, target, lossmult, coarse_loss_mult=0.1):
       loss (scalar tensor), per-level MSEs `[L]` (detached), per-level PSNRs `[L]`.
     """
     mses = torch.stack([weighted_mse(rgb, target, lossmult) for rgb, *_ in levels])
-    loss = (level_weights(len(mses), coarse_loss_mult).to(mses) * mses).sum()
+    loss = total_loss(mses, coarse_loss_mult)
     mses = mses.detach()
     return loss, mses, mse_to_psnr(mses)
 
 
 def level_weights(num_levels, coarse_loss_mult=0.1):
-    """Each level's weight in the training loss `[num_levels]`: coarse_loss_mult, ..., 1."""
-    w = torch.full((num_levels,), coarse_loss_mult)
-    w[-1] = 1.
-    return w
+    """Each level's weight in the training loss: coarse_loss_mult, ..., coarse_loss_mult, 1."""
+    return [coarse_loss_mult] * (num_levels - 1) + [1.]
+
+
+def total_loss(mses, coarse_loss_mult=0.1):
+    """The training loss from the per-level MSEs `[L]`: the coarse levels weighted, plus the fine one."""
+    return coarse_loss_mult * mses[:-1].sum() + mses[-1]
 
 
 def ssim(img0, img1):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import config as config_lib
 import datasets
 import ddp
-from loss import level_weights, mipnerf_loss, mse_to_psnr, weighted_mse
+from loss import level_weights, mipnerf_loss, mse_to_psnr, total_loss, weighted_mse
 from model import MipNeRF, list_checkpoints
 from scheduler import Schedule
 from visualize import colorize_depth
@@ -123,14 +123,13 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
         # Level by level: no gradient flows between levels, so each level's loss is
         # backpropagated before the next level runs and only one level's activations are
         # held (half the memory). The gradient is the same sum as one backward of the total.
-        weights, mses = level_weights(model.args.num_levels, cfg.coarse_loss_mult).tolist(), []
-        for w, (rgb, *_) in zip(weights, model.levels(rays)):
+        mses = []
+        for w, (rgb, *_) in zip(level_weights(model.args.num_levels, cfg.coarse_loss_mult), model.levels(rays)):
             mse = weighted_mse(rgb, target, lossmult)
             (w * mse).backward()
             mses.append(mse.detach())
         mses = torch.stack(mses)
-        loss = (torch.tensor(weights).to(mses) * mses).sum()
-        psnrs = mse_to_psnr(mses)
+        loss, psnrs = total_loss(mses, cfg.coarse_loss_mult), mse_to_psnr(mses)
     max_norm = cfg.grad_max_norm if cfg.grad_max_norm > 0 else float('inf')
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = bool(torch.isfinite(loss.detach() + grad_norm))
@@ -164,8 +163,7 @@ def level_names(n):
 # ----------------------------------------------------------------------------
 
 def fail(message):
-    sys.stderr.write(f'train.py: error: {message}\n')
-    sys.exit(2)
+    config_lib.fail('train.py', message)
 
 
 def resolve_resume(cfg, device):
@@ -232,7 +230,7 @@ def run(cfg, stop):
     model = MipNeRF.from_config(cfg).to(device)
     reason = model.fused_reason(device)
     if cfg.kernels == 'triton' and reason:
-        fail(f'--kernels triton: {reason}; use --kernels auto or torch')
+        fail(f'--kernels triton: {reason}; use --kernels torch')
     if main and reason is None:
         print('MLP: fused Triton kernels (bf16)')
     if cfg.compile:

@@ -11,7 +11,6 @@ near/far bounds and NDC warp come from the run's dataset; the model and its
 config from the run's checkpoint.
 """
 import os
-import sys
 
 import cv2
 import imageio.v2 as imageio
@@ -126,8 +125,7 @@ def build_parser():
 
 
 def fail(message):
-    sys.stderr.write(f'visualize.py: error: {message}\n')
-    sys.exit(2)
+    config_lib.fail('visualize.py', message)
 
 
 def main(argv=None):
