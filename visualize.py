@@ -22,6 +22,7 @@ import config as config_lib
 import datasets
 import ddp
 import pose_utils
+import ray_utils
 from model import open_run
 
 
@@ -69,7 +70,7 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
     h, w = data.sizes[0]
     h, w = h // render_factor, w // render_factor
     focal = data.focal / render_factor
-    pix2cam = torch.tensor([[1 / focal, 0, -0.5 * w / focal], [0, -1 / focal, 0.5 * h / focal], [0, 0, -1]])
+    pix2cam = ray_utils.pinhole_pix2cam(focal, w, h)
     centres = data.all_cam2world[:, :, 3]
     ref_radius = float(centres.norm(dim=-1).mean())
     near, far = float(data.near[0]), float(data.far[0])
@@ -91,7 +92,7 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
         nears, fars = (near + shift).clamp_min(0.05), far + shift
     ndc = None if data.ndc is None else dict(focal=focal, w=w, h=h)
     frames = []
-    for i, c2w in enumerate(poses):
+    for i in range(len(poses)):
         frames.append((pix2cam, h, w, near if nears is None else float(nears[i]),
                        far if fars is None else float(fars[i]), ndc))
     return poses, frames
