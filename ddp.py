@@ -35,6 +35,15 @@ def setup(device):
 
 
 def cleanup():
+    """Leave the process group. Call it once every DistributedDataParallel wrapper is gone.
+
+    A wrapper still alive here (a local of the caller) holds the group through
+    its C++ Reducer; freeing it afterwards destroys the gloo group while
+    holding the GIL, and the group's worker threads, which need the GIL to
+    free their last work, never join: the process hangs at exit (torch 2.13,
+    pytorch/pytorch#56297). Freed before, the wrapper leaves the group to this
+    call, which destroys it without the GIL.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
 

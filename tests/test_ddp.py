@@ -15,7 +15,7 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 def test_two_process_gradient_equals_the_global_batch_gradient(tmp_path):
     out = tmp_path / 'grads.json'
     res = subprocess.run(TORCHRUN + [os.path.join(REPO, 'tests', 'ddp_check.py'), str(out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result['world_size'] == 2
@@ -31,7 +31,7 @@ def train_args(scene, log_dir, *extra):
 def test_two_process_training_saves_once_and_resumes_with_any_count(tiny_demo, tmp_path):
     log = tmp_path / 'run'
     res = subprocess.run(TORCHRUN + [os.path.join(REPO, 'train.py')] + train_args(tiny_demo, log, '--max_steps', '10'),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count('parameters, 20 training views') == 1 and 'x 2 processes' in res.stdout  # rank 0 only
     assert [os.path.basename(p) for p in list_checkpoints(str(log))] == ['ckpt_0000010.pt']
@@ -43,10 +43,10 @@ def test_two_process_training_saves_once_and_resumes_with_any_count(tiny_demo, t
     assert not torch.equal(ckpt['rank_states'][0]['sampler']['generator'], ckpt['rank_states'][1]['sampler']['generator'])
     # 2 processes -> 1 process -> 2 processes.
     res = subprocess.run([sys.executable, os.path.join(REPO, 'train.py')] + train_args(tiny_demo, log, '--max_steps', '20', '--resume'),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=150)
     assert res.returncode == 0 and 'at step 10' in res.stdout, res.stderr[-2000:]
     res = subprocess.run(TORCHRUN + [os.path.join(REPO, 'train.py')] + train_args(tiny_demo, log, '--max_steps', '30', '--resume'),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=150)
     assert res.returncode == 0 and 'at step 20' in res.stdout, res.stderr[-2000:]
     assert torch.load(list_checkpoints(str(log))[-1], weights_only=False)['step'] == 30
 
@@ -64,7 +64,7 @@ def test_eval_video_and_mesh_split_across_two_processes_match_one(demo_run, tmp_
     def both(script, args):
         mains[script](args('one'))           # one process, in this one
         multi = subprocess.run(TORCHRUN + [os.path.join(REPO, script), *args('two')],
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=150)
         assert multi.returncode == 0, multi.stderr[-1500:]
 
     both('eval.py', lambda tag: ['--log_dir', demo_run, '--device', 'cpu', '--out_dir', str(tmp_path / f'eval_{tag}')])
