@@ -54,6 +54,8 @@ def area_downsample(img, factor):
     if factor <= 1:
         return img
     h, w = img.shape[0] // factor, img.shape[1] // factor
+    if h < 1 or w < 1:
+        raise DataError(f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images: pass a smaller one')
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
 
 
@@ -168,6 +170,14 @@ def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
 def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2., far=6., **_):
     """The NeRF synthetic (Blender) format: transforms_{split}.json + RGBA PNGs."""
     meta_path = os.path.join(base_dir, f'transforms_{split}.json')
+    if not os.path.isfile(meta_path) and os.path.isdir(base_dir):
+        splits = sorted(f[len('transforms_'):-len('.json')] for f in os.listdir(base_dir)
+                        if f.startswith('transforms_') and f.endswith('.json'))
+        if not splits:
+            raise DataError(f'{base_dir} is not a Blender scene (no transforms_*.json): '
+                            'check --dataset_name and --base_dir')
+        raise DataError(f'{meta_path} is missing; the scene has the splits {", ".join(splits)}: '
+                        're-download it if one should be there')
     meta = _load_json(meta_path)
     try:
         camera_angle_x = float(meta['camera_angle_x'])
@@ -210,6 +220,9 @@ def llff_image_dir(base_dir, factor):
         img = cv2.imread(os.path.join(source, f), cv2.IMREAD_UNCHANGED)
         if img is None:
             raise DataError(f'image {os.path.join(source, f)} is unreadable: re-download the scene')
+        if img.shape[0] < factor or img.shape[1] < factor:
+            raise DataError(f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images in {source}: '
+                            'pass a smaller one')
         small = cv2.resize(img, (img.shape[1] // factor, img.shape[0] // factor), interpolation=cv2.INTER_AREA)
         cv2.imwrite(os.path.join(tmp, os.path.splitext(f)[0] + '.png'), small)
     _read_all(files, shrink)
@@ -326,7 +339,12 @@ def dataset_from_config(cfg, split):
 
 
 class RaySampler:
-    """Random training rays, drawn uniformly from all pixels of all images.
+    """Random training rays, drawn with replacement, as the official `batching`:
+
+    - 'all_images': uniformly from all pixels of all images (LLFF, Multicam);
+    - 'single_image': one image drawn uniformly per batch, then pixels
+      uniformly from it (Blender). Images of any size: each batch draws from
+      the pixels of its own image.
 
     Pixels and cameras live on `device`; each batch is a few index
     operations and one ray generation, so nothing passes through the host
@@ -334,8 +352,10 @@ class RaySampler:
     resumes.
     """
 
-    def __init__(self, data, batch_size, device, seed=0):
-        self.batch_size = batch_size
+    def __init__(self, data, batch_size, device, seed=0, batching='all_images'):
+        if batching not in ('all_images', 'single_image'):
+            raise ValueError(f'unknown batching {batching!r}: use all_images or single_image')
+        self.batch_size, self.batching = batch_size, batching
         self.device = torch.device(device)
         self.pixels = torch.cat([im.reshape(-1, 3) for im in data.images]).to(self.device)
         counts = torch.tensor([h * w for h, w in data.sizes])
@@ -343,6 +363,7 @@ class RaySampler:
         self.heights = torch.tensor([h for h, _ in data.sizes], device=self.device)
         self.widths = torch.tensor([w for _, w in data.sizes], device=self.device)
         self.num_pixels = int(counts.sum())
+        self.counts = counts.to(self.device)
         self.pix2cam = data.pix2cam.to(self.device)
         self.cam2world = data.cam2world.to(self.device)
         self.near, self.far = data.near.to(self.device), data.far.to(self.device)
@@ -353,9 +374,17 @@ class RaySampler:
 
     def sample(self):
         """Returns (Rays of `[B, C]`, target colours `[B, 3]`), on the device."""
-        idx = torch.randint(self.num_pixels, (self.batch_size,), device=self.device, generator=self.generator)
-        img = torch.searchsorted(self.starts, idx, right=True) - 1
-        pix = idx - self.starts[img]
+        if self.batching == 'single_image':
+            one = torch.randint(len(self.counts), (1,), device=self.device, generator=self.generator)
+            img = one.expand(self.batch_size)
+            u = torch.rand(self.batch_size, device=self.device, generator=self.generator, dtype=torch.float64)
+            count = self.counts[img]
+            pix = (u * count).long().minimum(count - 1)
+            idx = self.starts[img] + pix
+        else:
+            idx = torch.randint(self.num_pixels, (self.batch_size,), device=self.device, generator=self.generator)
+            img = torch.searchsorted(self.starts, idx, right=True) - 1
+            pix = idx - self.starts[img]
         w = self.widths[img]
         y, x = pix // w, pix % w
         rays = make_rays(self.pix2cam[img], self.cam2world[img], x, y, self.heights[img], w,

@@ -62,7 +62,7 @@ def ssim(img0, img1):
 
 
 class LPIPS:
-    """LPIPS (AlexNet) through the `lpips` package, when it and its weights load.
+    """LPIPS (VGG, v0.1, the official eval's net-lin_vgg_v0.1) through the `lpips` package, when it loads.
 
     `available` tells whether it did; `note` says why not otherwise.
     """
@@ -71,7 +71,7 @@ class LPIPS:
         self.fn, self.note = None, ''
         try:
             import lpips
-            self.fn = lpips.LPIPS(net='alex', verbose=False).to(device).eval()
+            self.fn = lpips.LPIPS(net='vgg', version='0.1', verbose=False).to(device).eval()
         except Exception as e:  # not installed, or weights not downloadable
             self.note = f'LPIPS skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
         self.device = device
@@ -86,6 +86,11 @@ class LPIPS:
         return float(self.fn(to(img0), to(img1)))
 
 
-def average_error(mse, ssim_value, lpips_value):
-    """The paper's 'average error': geometric mean of MSE, sqrt(1 - SSIM) and LPIPS."""
+def average_error(psnr, ssim_value, lpips_value):
+    """The paper's 'average error' from mean PSNR, SSIM and LPIPS, as the official summarize.ipynb:
+
+    the geometric mean of MSE = 10^(-PSNR/10) (the MSE of the mean PSNR),
+    sqrt(1 - SSIM) and LPIPS.
+    """
+    mse = 10. ** (-psnr / 10.)
     return math.exp((math.log(mse) + math.log(math.sqrt(max(1 - ssim_value, 1e-12))) + math.log(lpips_value)) / 3)

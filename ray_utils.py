@@ -368,7 +368,8 @@ def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
 
     Returns:
       comp_rgb `[..., 3]`, distance `[...]` (expected t, clipped to
-      [t_vals[..., 0], t_vals[..., -1]]; the far end where nothing is hit),
+      [t_vals[..., 0], t_vals[..., -1]]; the near end where the opacity is
+      exactly 0, as the official release, whose nan_to_num maps 0/0 to 0),
       acc `[...]` opacity, weights `[..., S]`.
     """
     t_mids = 0.5 * (t_vals[..., :-1] + t_vals[..., 1:])
@@ -384,7 +385,7 @@ def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
     t_near, t_far = t_vals[..., 0], t_vals[..., -1]
     tiny = torch.finfo(acc.dtype).tiny
     distance = (weights * t_mids).sum(dim=-1) / acc.clamp_min(tiny)
-    distance = torch.where(acc > 0, distance, t_far)
+    distance = torch.where(acc > 0, distance, t_near)
     distance = torch.minimum(torch.maximum(distance, t_near), t_far)
     if white_bkgd:
         comp_rgb = comp_rgb + (1. - acc[..., None])

@@ -17,17 +17,19 @@ def test_defaults_equal_the_official_release(tmp_path):
                     net_depth_condition=1, net_width_condition=128, skip_layer=4, density_bias=-1.,
                     rgb_padding=0.001, stop_level_grad=True, use_viewdirs=True, randomized=True,
                     white_bkgd=True, near=2., far=6., ray_shape='cone', density_noise=0., lindisp=False,
-                    factor=0, disable_integration=False)
+                    factor=0, disable_integration=False, batching='single_image')
     assert {k: getattr(cfg, k) for k in official} == official
 
 
 def test_dataset_defaults_and_overrides(tmp_path):
     cfg = config.get_config(['--dataset_name', 'llff', '--base_dir', str(tmp_path)])
-    assert (cfg.near, cfg.far, cfg.ray_shape, cfg.density_noise, cfg.white_bkgd, cfg.factor) == \
-        (0., 1., 'cylinder', 1., False, 4)
+    assert (cfg.near, cfg.far, cfg.ray_shape, cfg.density_noise, cfg.white_bkgd, cfg.factor, cfg.batching) == \
+        (0., 1., 'cylinder', 1., False, 4, 'all_images')
     cfg = config.get_config(['--dataset_name', 'llff', '--base_dir', str(tmp_path), '--ray_shape', 'cone',
-                             '--white_bkgd', 'true', '--density_noise', '0'])
-    assert (cfg.ray_shape, cfg.white_bkgd, cfg.density_noise) == ('cone', True, 0.)
+                             '--white_bkgd', 'true', '--density_noise', '0', '--batching', 'single_image'])
+    assert (cfg.ray_shape, cfg.white_bkgd, cfg.density_noise, cfg.batching) == ('cone', True, 0., 'single_image')
+    cfg = config.get_config(['--dataset_name', 'multicam', '--base_dir', str(tmp_path)])
+    assert cfg.batching == 'all_images'
 
 
 def test_data_paths_and_log_dir(tmp_path):

@@ -85,6 +85,56 @@ def test_ray_sampler_draws_the_rays_and_pixels_of_the_images(tiny_demo, device):
     torch.testing.assert_close(sampler.sample()[1], b1)
 
 
+def test_single_image_batching_draws_each_batch_from_one_uniform_image(tiny_demo):
+    """The official Blender batching: one image per batch, uniformly; pixels uniform within it."""
+    data = datasets.get_dataset('demo', tiny_demo, 'train')
+    n, h, w = len(data), data.h, data.w
+    sampler = datasets.RaySampler(data, 400, 'cpu', seed=5, batching='single_image')
+    pix = data.images.reshape(n, -1, 3)
+    origins = torch.stack([data.rays_of_image(i).origins[0, 0] for i in range(n)])
+    image_counts = torch.zeros(n)
+    pixel_counts = torch.zeros(h * w)
+    for _ in range(400):
+        rays, target = sampler.sample()
+        # One camera per batch: every ray starts at the same camera centre.
+        img = int(torch.argmin((origins - rays.origins[0]).norm(dim=-1)))
+        torch.testing.assert_close(rays.origins, origins[img].expand(400, 3))
+        image_counts[img] += 1
+        # Each target is a pixel of that image, at the pixel its direction points through.
+        dirs = data.rays_of_image(img).viewdirs.reshape(-1, 3)
+        j = torch.cdist(rays.viewdirs, dirs).argmin(dim=-1)
+        torch.testing.assert_close(target, pix[img, j])
+        pixel_counts += torch.bincount(j, minlength=h * w)
+    # 400 batches over 20 images: 20 per image expected; a chi-square far below its 0.1% tail (43.8, 19 dof).
+    expected = 400 / n
+    assert float(((image_counts - expected) ** 2 / expected).sum()) < 43.8
+    # 160,000 pixels over 1,024 positions: 156 expected each; the chi-square (1023 dof) near its mean.
+    e = pixel_counts.sum() / (h * w)
+    assert float(((pixel_counts - e) ** 2 / e).sum()) < 1023 + 5 * (2 * 1023) ** 0.5
+    with pytest.raises(ValueError, match='unknown batching'):
+        datasets.RaySampler(data, 4, 'cpu', batching='one_image')
+
+
+def test_single_image_batching_with_images_of_different_sizes():
+    """Multicam-like data: a batch stays inside its own image, whatever its size."""
+    class Data:   # two images, 2x3 and 4x5, with distinct colours per pixel
+        sizes = [(2, 3), (4, 5)]
+        images = [torch.arange(18.).reshape(2, 3, 3) / 100, 0.5 + torch.arange(60.).reshape(4, 5, 3) / 200]
+        pix2cam = torch.eye(3).expand(2, 3, 3)
+        cam2world = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand(2, 3, 4)
+        near, far, lossmult = torch.full((2,), 2.), torch.full((2,), 6.), torch.tensor([1., 4.])
+        ndc = None
+    sampler = datasets.RaySampler(Data(), 300, 'cpu', seed=0, batching='single_image')
+    seen = set()
+    for _ in range(30):
+        rays, target = sampler.sample()
+        first = bool(target[0, 0] < 0.5)
+        assert torch.all((target[:, 0] < 0.5) == first)   # all from one image
+        assert torch.all(rays.lossmult == (1. if first else 4.))
+        seen.add((first, len(torch.unique(target[:, 0]))))
+    assert seen == {(True, 6), (False, 20)}                 # every pixel of each, none beyond
+
+
 def test_blender_loader_names_bad_files(tmp_path, tiny_demo):
     scene = tmp_path / 'scene'
     shutil.copytree(tiny_demo, scene)

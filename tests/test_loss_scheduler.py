@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from loss import mipnerf_loss, mse_to_psnr, weighted_mse
+from loss import average_error, mipnerf_loss, mse_to_psnr, weighted_mse
 from scheduler import Schedule, learning_rate
 
 
@@ -45,6 +45,17 @@ def test_psnr_known_values():
     assert mse_to_psnr(0.01) == pytest.approx(20.)
     assert mse_to_psnr(1e-4) == pytest.approx(40.)
     assert float(mse_to_psnr(torch.tensor(1.))) == pytest.approx(0.)
+
+
+def test_average_error_reproduces_the_official_summaries():
+    """The official summarize.ipynb prints these rows (mean PSNR, SSIM, LPIPS -> average error)."""
+    # Blender: 33.085 | 0.9605 | 0.0425 | 0.0161.
+    assert average_error(33.085, 0.9605, 0.0425) == pytest.approx(0.0161, abs=5e-5)
+    # Multiscale Blender, the four scales averaged: ... | 0.0114.
+    psnr = sum([32.634, 34.350, 35.505, 35.636]) / 4
+    ssim = sum([0.9578, 0.9703, 0.9786, 0.9834]) / 4
+    lpips = sum([0.0469, 0.0260, 0.0168, 0.0120]) / 4
+    assert average_error(psnr, ssim, lpips) == pytest.approx(0.0114, abs=5e-5)
 
 
 def test_weighted_mse_and_coarse_weight():
