@@ -29,7 +29,7 @@ import config as config_lib
 import datasets
 import ddp
 from loss import level_weights, mipnerf_loss, mse_to_psnr, total_loss, weighted_mse
-from model import MipNeRF, list_checkpoints
+from model import CHECKPOINT_KEYS, MipNeRF, list_checkpoints, read_checkpoint
 from scheduler import Schedule
 from visualize import colorize_depth
 
@@ -69,11 +69,8 @@ def save_checkpoint(path, state):
 
 
 def load_training_checkpoint(path, device):
-    """torch.load with a one-line reason on failure (ValueError)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated, not a checkpoint, ...
-        raise ValueError(f'checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:80]})') from None
+    """A checkpoint with everything a resume needs; ValueError with a one-line reason otherwise."""
+    return read_checkpoint(path, device, CHECKPOINT_KEYS + ('optimizer', 'schedule'))
 
 
 def prune_checkpoints(log_dir, keep):
@@ -108,9 +105,10 @@ def host_memory_mb():
 # Steps and evaluation.
 
 def train_step(model, optimizer, schedule, sampler, cfg, step):
-    """One optimization step on a fresh batch of rays.
+    """One optimization step on a fresh batch of rays; `step` steps are done before it.
 
-    Returns (loss, per-level PSNRs, gradient norm, finite). When the loss or
+    The update uses the rate of step `step + 1`, as the official loop, which
+    counts steps from 1 (the last update uses lr_final). Returns (loss, per-level PSNRs, gradient norm, finite). When the loss or
     the gradient is not finite, the parameters are left unchanged.
     """
     rays, target = sampler.sample()
@@ -134,7 +132,7 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = bool(torch.isfinite(loss.detach() + grad_norm))
     if finite:
-        schedule.apply(optimizer, step)
+        schedule.apply(optimizer, step + 1)
         optimizer.step()
     return loss.detach(), psnrs, grad_norm, finite
 
@@ -166,6 +164,27 @@ def fail(message):
     config_lib.fail('train.py', message)
 
 
+def prepare_log_dir(cfg):
+    """Make --log_dir before the data loads; refuse a file, an unwritable place, or another run's
+    checkpoints without --resume (a new run there would prune them and mix the two logs)."""
+    d = cfg.log_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        fail(f'--log_dir {d} is a file: pass a folder')
+    found = list_checkpoints(d) if os.path.isdir(d) else []
+    if found and not cfg.resume:
+        fail(f'--log_dir {d} already holds a run (latest {os.path.basename(found[-1])}): '
+             'add --resume to continue it, or pass another --log_dir')
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        fail(f'--log_dir {d}: cannot create it ({e.strerror}): pass a writable folder')
+    if not os.access(d, os.W_OK | os.X_OK):
+        fail(f'--log_dir {d} is not writable: pass a writable folder')
+    if cfg.lr_delay_steps >= cfg.max_steps:
+        print(f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans the '
+              f'whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs')
+
+
 def resolve_resume(cfg, device):
     """The checkpoint to resume from (dict) or None; falls back past unreadable ones for 'latest'."""
     if not cfg.resume:
@@ -190,6 +209,8 @@ def resolve_resume(cfg, device):
 
 def main(argv=None):
     """Parse flags and train; SIGINT and SIGTERM ask the loop to save and stop."""
+    cfg = config_lib.get_config(argv)
+    existed = os.path.isdir(cfg.log_dir)
     stop = {'signal': None}
 
     def on_signal(signum, frame):
@@ -198,7 +219,11 @@ def main(argv=None):
         stop['signal'] = signum
     previous_handlers = {s: signal.signal(s, on_signal) for s in EXIT_CODES}
     try:
-        run(config_lib.get_config(argv), stop)
+        run(cfg, stop)
+    except SystemExit as e:   # a refusal before anything was written leaves no empty --log_dir behind
+        if e.code not in (0, None) and not existed and os.path.isdir(cfg.log_dir) and not os.listdir(cfg.log_dir):
+            os.rmdir(cfg.log_dir)
+        raise
     finally:
         for s, h in previous_handlers.items():
             signal.signal(s, h)
@@ -220,6 +245,8 @@ def run(cfg, stop):
         from scripts.make_demo import make_demo_scene
         print(f'demo scene not found in {cfg.base_dir}: generating it (about half a minute)')
         make_demo_scene(cfg.base_dir)
+    if main:
+        prepare_log_dir(cfg)
     ddp.barrier()
     try:
         train_data = datasets.dataset_from_config(cfg, 'train')
@@ -240,7 +267,8 @@ def run(cfg, stop):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer = model.watch_optimizer(torch.optim.Adam(model.parameters(), lr=cfg.lr_init))
     schedule = Schedule(cfg)
-    sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank)
+    sampler = datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank,
+                                  batching=cfg.batching)
     if rank:
         torch.manual_seed(cfg.seed + rank)   # this rank's own jitter and noise
     model_args = dataclasses.asdict(model.args)
@@ -263,10 +291,16 @@ def run(cfg, stop):
     ckpt = resolve_resume(cfg, device)
     if ckpt is not None:
         if ckpt['model_args'] != model_args:
-            diff = {k: v for k, v in ckpt['model_args'].items() if model_args.get(k) != v}
+            diff = ', '.join(f'{k}: {v} there, {model_args.get(k)} here'
+                             for k, v in ckpt['model_args'].items() if model_args.get(k) != v)
             fail(f'--resume {ckpt.get("path", cfg.resume)}: the checkpoint has a different network ({diff}); '
                  'pass the same model flags or another --log_dir')
         step = restore(ckpt, with_rng=True)
+        if step >= cfg.max_steps:
+            if main:
+                print(f'{ckpt.get("path", cfg.resume)} is at step {step} and --max_steps is {cfg.max_steps}: '
+                      'nothing to train (raise --max_steps to go on)')
+            return
         if main:
             print(f'resumed from {ckpt.get("path", cfg.resume)} at step {step}')
     initial = copy.deepcopy({'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),

@@ -53,7 +53,7 @@ def test_tensorboard_has_scalars_and_images(tiny_demo, tmp_path):
     assert {'test/rgb', 'test/target', 'test/depth', 'test/acc'} <= set(tags['images'])
     lrs = acc.Scalars('train/lr')
     assert lrs[-1].step == 20
-    assert lrs[-1].value == pytest.approx(learning_rate(19, 5e-3, 5e-4, 20, 10, 0.01), rel=1e-6)
+    assert lrs[-1].value == pytest.approx(5e-4, rel=1e-6)   # the 20th update, at lr_final
 
 
 def test_resume_continues_the_schedule_and_is_exact_on_cpu(tiny_demo, tmp_path):
@@ -71,7 +71,7 @@ def test_resume_continues_the_schedule_and_is_exact_on_cpu(tiny_demo, tmp_path):
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
     assert read_eval(straight)[-1]['psnr'] == read_eval(split)[-1]['psnr']
-    assert b['optimizer']['param_groups'][0]['lr'] == pytest.approx(learning_rate(39, 5e-3, 5e-4, 40, 10, 0.01))
+    assert b['optimizer']['param_groups'][0]['lr'] == pytest.approx(learning_rate(40, 5e-3, 5e-4, 40, 10, 0.01))
     # The earlier event file is kept: logs are appended, never deleted.
     assert set(events_before) < set(glob.glob(str(split / 'events.out.tfevents.*')))
 
@@ -85,7 +85,7 @@ def test_resume_refuses_a_different_network_and_a_missing_path(tiny_demo, tmp_pa
     log = tmp_path / 'run'
     train.main(train_args(tiny_demo, log, '--max_steps', '5', '--eval_every', '0'))
     res = run_train(*train_args(tiny_demo, log, '--max_steps', '10', '--net_width', '48', '--resume'))
-    assert res.returncode == 2 and 'different network' in res.stderr and "'net_width': 32" in res.stderr
+    assert res.returncode == 2 and 'different network (net_width: 32 there, 48 here)' in res.stderr
     assert 'Traceback' not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = run_train(*train_args(tiny_demo, log, '--resume', str(tmp_path / 'nope.pt')))
     assert res.returncode == 2 and 'no such checkpoint' in res.stderr
@@ -123,3 +123,19 @@ def test_level_by_level_backward_equals_one_backward(tiny_demo, device):
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7)
     torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-7, atol=0)
     torch.testing.assert_close(losses[0][1], losses[1][1], rtol=1e-7, atol=0)
+
+
+def test_update_k_uses_the_rate_of_step_k(tiny_demo):
+    """As the official loop, which counts steps from 1: the first update uses lr(1), the last lr_final."""
+    import config as config_lib
+    import datasets
+    from model import MipNeRF
+    from scheduler import Schedule
+    cfg = config_lib.get_config(train_args(tiny_demo, 'unused', '--max_steps', '40'))
+    data = datasets.dataset_from_config(cfg, 'train')
+    model = MipNeRF.from_config(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.)
+    sampler = datasets.RaySampler(data, 16, 'cpu', seed=0)
+    for done, expected in ((0, learning_rate(1, 5e-3, 5e-4, 40, 10, 0.01)), (39, 5e-4)):
+        assert train.train_step(model, opt, Schedule(cfg), sampler, cfg, done)[3]
+        assert opt.param_groups[0]['lr'] == pytest.approx(expected)
