@@ -8,6 +8,7 @@ line override it, and both override the per-dataset defaults below.
     cfg = config.get_config()          # parse sys.argv, validate, exit on error
     cfg = config.get_config(['--dataset_name', 'demo', '--max_steps', '10'])
 """
+import math
 import os
 import sys
 
@@ -26,20 +27,24 @@ DATASETS = {
 
 # Per-dataset defaults (the official blender.gin / llff.gin / multiblender.gin);
 # explicit flags and config files override them.
+# Multicam draws from all images: its images differ in size, and the official
+# single_image batching indexes every image with the first one's pixel count.
+# The demo does too: its runs are a few thousand steps, where batches drawn from
+# one view at a time leave colours visibly behind.
 _BLENDER = dict(white_bkgd=True, near=2., far=6., factor=0, ray_shape='cone',
-                density_noise=0., lindisp=False)
+                density_noise=0., lindisp=False, batching='single_image')
 DATASET_DEFAULTS = {
     'blender': _BLENDER,
-    'multicam': _BLENDER,
-    'demo': _BLENDER,
+    'multicam': dict(_BLENDER, batching='all_images'),
+    'demo': dict(_BLENDER, batching='all_images'),   # short runs: batches mixed over all views train faster
     'llff': dict(white_bkgd=False, near=0., far=1., factor=4, ray_shape='cylinder',
-                 density_noise=1., lindisp=False),
+                 density_noise=1., lindisp=False, batching='all_images'),
 }
 
 # Flags that must be > 0, and flags that must be >= 0.
 POSITIVE = ('batch_size', 'max_steps', 'num_samples', 'num_levels', 'net_depth', 'net_width',
             'net_depth_condition', 'net_width_condition', 'chunk', 'lr_init', 'lr_final',
-            'log_every', 'keep_checkpoints', 'max_nonfinite', 'llffhold')
+            'log_every', 'keep_checkpoints', 'max_nonfinite', 'llffhold', 'lr_delay_mult')
 NON_NEGATIVE = ('factor', 'min_deg_point', 'deg_view', 'skip_layer', 'lr_delay_steps',
                 'coarse_loss_mult', 'density_noise', 'resample_padding', 'render_every',
                 'eval_every', 'save_every', 'eval_views', 'grad_max_norm', 'near', 'max_minutes')
@@ -65,7 +70,25 @@ def fail(prog, message):
     sys.exit(2)
 
 
+class _HelpFormatter(configargparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (per-dataset or 'the run's', which the help text says)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is configargparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(configargparse.ArgumentParser):
+    """One-line errors; no abbreviated flags (a typo in a config file must not set another flag)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        kwargs.setdefault('add_config_file_help', False)
+        kwargs.setdefault('add_env_var_help', False)
+        kwargs.setdefault('formatter_class', _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         """One line, no usage block, exit status 2."""
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
@@ -80,7 +103,8 @@ def _config_file_path(path):
 
 def build_parser():
     p = _Parser(description='mip-NeRF in PyTorch', config_file_parser_class=configargparse.DefaultConfigFileParser,
-                formatter_class=configargparse.ArgumentDefaultsHelpFormatter)
+                epilog='A --config file holds "flag = value" lines (configs/*.txt); flags on the command line '
+                       'override it, and both override the per-dataset defaults.')
     flag = p.add_argument
 
     def boolean(name, default, help):
@@ -126,6 +150,8 @@ def build_parser():
     g = p.add_argument_group('training')
     flag = g.add_argument
     flag('--batch_size', type=int, default=4096, help='rays per step')
+    flag('--batching', default=None, choices=['single_image', 'all_images'],
+         help='draw each batch from one random image or from all pixels (default: per dataset)')
     flag('--max_steps', type=int, default=1_000_000, help='training steps')
     flag('--lr_init', type=float, default=5e-4, help='learning rate at step 0')
     flag('--lr_final', type=float, default=5e-6, help='learning rate at max_steps')
@@ -176,8 +202,8 @@ def run_parser(description, chunk=8192, data=True):
     `data`), --chunk and --device; errors are one line, as for train.py.
     """
     p = _Parser(description=description)
-    p.add_argument('--log_dir', required=True, help='run folder (its latest checkpoint is used)')
-    p.add_argument('--ckpt', default=None, help='a checkpoint file instead of the latest one')
+    p.add_argument('--log_dir', default=None, help='run folder (its latest readable checkpoint is used)')
+    p.add_argument('--ckpt', default=None, help='a checkpoint file instead (outputs then go beside it)')
     if data:
         p.add_argument('--base_dir', default=None, help='scene folder, if it moved since training')
     p.add_argument('--chunk', type=positive_int, default=chunk, help='rays or points per forward pass')
@@ -205,12 +231,15 @@ def apply_dataset_defaults(cfg):
 
 def validate(cfg, need_data=True):
     """Raise ConfigError with a one-line fix for the first problem found."""
-    for k in POSITIVE:
-        if getattr(cfg, k) <= 0:
+    for k in POSITIVE:   # written so that nan fails too; inf is refused below
+        if not getattr(cfg, k) > 0:
             raise ConfigError(f'--{k} must be positive, got {getattr(cfg, k)}')
     for k in NON_NEGATIVE:
-        if getattr(cfg, k) < 0:
+        if not getattr(cfg, k) >= 0:
             raise ConfigError(f'--{k} must not be negative, got {getattr(cfg, k)}')
+    for k, v in sorted(vars(cfg).items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f'--{k} must be a finite number, got {v}')
     if cfg.min_deg_point > cfg.max_deg_point:
         raise ConfigError(f'--min_deg_point ({cfg.min_deg_point}) must not exceed --max_deg_point ({cfg.max_deg_point})')
     if cfg.near >= cfg.far:
@@ -218,7 +247,13 @@ def validate(cfg, need_data=True):
     if cfg.lindisp and cfg.near <= 0:
         raise ConfigError('--lindisp needs --near > 0')
     if need_data and cfg.dataset_name != 'demo' and not os.path.isdir(cfg.base_dir):
-        _, script, _ = DATASETS[cfg.dataset_name]
+        folder, script, _ = DATASETS[cfg.dataset_name]
+        parent = os.path.dirname(os.path.normpath(cfg.base_dir))
+        scenes = sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))) \
+            if os.path.isdir(parent) and os.path.basename(parent) == folder else []
+        if scenes:
+            raise ConfigError(f'scene folder {cfg.base_dir} not found; {parent} has: {", ".join(scenes)} '
+                              '(pass one of them with --scene)')
         raise ConfigError(f'scene folder {cfg.base_dir} not found: run {script} (or pass --data_dir/--scene/--base_dir)')
     validate_device(cfg.device)
 

@@ -13,6 +13,7 @@ per scale, in the layout of the paper's multiscale table. LPIPS needs the
 import json
 import math
 import os
+import re
 import shutil
 
 import cv2
@@ -41,7 +42,7 @@ def summarize(rows):
     keys = [k for k in ('psnr', 'ssim', 'lpips', 'mse') if all(k in r for r in rows)]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     if 'lpips' in mean:
-        mean['avg_error'] = average_error(sum(r['mse'] for r in rows) / len(rows), mean['ssim'], mean['lpips'])
+        mean['avg_error'] = average_error(mean['psnr'], mean['ssim'], mean['lpips'])
     return mean
 
 
@@ -76,15 +77,42 @@ def fail(message):
     config_lib.fail('eval.py', message)
 
 
+EVAL_FILE = re.compile(r'((color|acc|depth)_\d{3,}\.png|metrics\.json)$')
+
+
+def prepare_out_dir(out_dir):
+    """Refuse a folder that holds anything but an earlier evaluation (which is replaced when the
+    new one is complete), and make the `.partial` folder the results are written into first.
+    Returns its path."""
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            fail(f'--out_dir {out_dir} is a file: pass a folder')
+        others = sorted(f for f in os.listdir(out_dir) if not EVAL_FILE.match(f))
+        if others:
+            fail(f'--out_dir {out_dir} holds other files ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}), '
+                 'which an evaluation would replace: pass a new or empty folder')
+    tmp = out_dir.rstrip('/') + '.partial'
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        fail(f'--out_dir {out_dir}: cannot write there ({e.strerror}): pass a writable folder')
+    return tmp
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         model, cfg, ckpt, device, data = open_run(args, args.split)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
+    args.out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{ckpt["step"]:07d}')
+    tmp = prepare_out_dir(args.out_dir) if ddp.is_main() else None
     try:
-        run(args, model, data, ckpt['step'], device)
+        run(args, model, data, ckpt, device, tmp)
     finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)   # left only by a failed or interrupted run
         ddp.cleanup()
 
 
@@ -93,9 +121,10 @@ def encode_png(img_uint8):
     return buf.tobytes()
 
 
-def run(args, model, data, step, device):
-    """Render this rank's share of the split (images rank, rank + N, ...) and, on rank 0, write everything."""
-    main = ddp.is_main()
+def run(args, model, data, ckpt, device, tmp):
+    """Render this rank's share of the split (images rank, rank + N, ...) and, on rank 0, write
+    everything into `tmp`, then rename it to --out_dir."""
+    main, step = ddp.is_main(), ckpt['step']
     lpips_fn = LPIPS(device)
     if main and not lpips_fn.available:
         print(lpips_fn.note)
@@ -112,16 +141,13 @@ def run(args, model, data, step, device):
     if not main:
         return
     results = sorted((r for part in gathered for r in part), key=lambda r: r[0]['index'])
-    out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{step:07d}')
-    tmp = out_dir.rstrip('/') + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    out_dir = args.out_dir
     for row, pngs in results:
         for kind, data_bytes in pngs.items():
             with open(os.path.join(tmp, f'{kind}_{row["index"]:03d}.png'), 'wb') as f:
                 f.write(data_bytes)
     rows = [row for row, _ in results]
-    metrics = {'step': step, 'split': args.split, 'checkpoint': args.ckpt or args.log_dir,
+    metrics = {'step': step, 'split': args.split, 'checkpoint': ckpt['path'],
                'images': rows, 'mean': summarize(rows)}
     if not lpips_fn.available:
         metrics['lpips_note'] = lpips_fn.note

@@ -300,30 +300,63 @@ def list_checkpoints(log_dir):
     return [os.path.join(log_dir, n) for n in sorted(names)]
 
 
+CHECKPOINT_KEYS = ('step', 'model_args', 'config', 'model')
+
+
+def read_checkpoint(path, device='cpu', keys=CHECKPOINT_KEYS):
+    """torch.load a checkpoint written by train.py; ValueError with a one-line reason otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, empty, not a checkpoint, ...
+        reason = str(e).splitlines()[0][:80] if str(e) else ''
+        raise ValueError(f'checkpoint {path} is unreadable ({type(e).__name__}{": " + reason if reason else ""})') from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f'{path} is not a checkpoint of train.py (no {", ".join(missing)})')
+    return ckpt
+
+
 def load_checkpoint(path, device='cpu'):
     """Rebuild the model from a checkpoint written by train.py.
 
-    Returns (model in eval mode on `device`, checkpoint dict).
+    Returns (model in eval mode on `device`, checkpoint dict with its 'path').
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = MipNeRF(ModelArgs(**ckpt['model_args']), randomized=False)
-    model.load_state_dict(ckpt['model'])
+    ckpt = read_checkpoint(path, device)
+    try:
+        model = MipNeRF(ModelArgs(**ckpt['model_args']), randomized=False)
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f'checkpoint {path} does not match this code\'s network '
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:80]})') from None
+    ckpt['path'] = path
     return model.to(device).eval(), ckpt
 
 
 def load_run(path, device='cpu'):
-    """A trained run from its folder (latest checkpoint) or a checkpoint file.
+    """A trained run from its folder (latest readable checkpoint) or a checkpoint file.
 
-    Returns (model in eval mode, the run's config as a Namespace, checkpoint dict).
+    Returns (model in eval mode, the run's config as a Namespace, checkpoint
+    dict). In a folder, an unreadable latest checkpoint (a crash mid-copy, a
+    full disk) is skipped with a note, as `train.py --resume` does.
     """
     if os.path.isdir(path):
         found = list_checkpoints(path)
         if not found:
             raise FileNotFoundError(f'no checkpoint (ckpt_*.pt) in {path}: train first, or pass a checkpoint file')
-        path = found[-1]
-    model, ckpt = load_checkpoint(path, device)
+        for i, candidate in enumerate(reversed(found)):
+            try:
+                model, ckpt = load_checkpoint(candidate, device)
+                break
+            except ValueError as e:
+                if i == len(found) - 1:
+                    raise ValueError(f'{e}; no readable checkpoint in {path}') from None
+                print(f'{e}; taking the one before')
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f'{path} does not exist: pass a run folder (--log_dir) or a checkpoint file (--ckpt)')
+    else:
+        model, ckpt = load_checkpoint(path, device)
     return model, argparse.Namespace(**ckpt['config']), ckpt
 
 
@@ -338,6 +371,10 @@ def open_run(args, split=None):
     import config as config_lib
     import datasets
     import ddp
+    if not args.log_dir and not args.ckpt:
+        raise ValueError('pass the run with --log_dir RUN_FOLDER (or a checkpoint with --ckpt FILE)')
+    if not args.log_dir:
+        args.log_dir = os.path.dirname(os.path.abspath(args.ckpt))
     config_lib.validate_device(args.device)
     device = ddp.setup(config_lib.resolve_device(args.device))
     model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)

@@ -6,11 +6,19 @@
 
 Writes video.mp4 (and depth.mp4, normals.mp4) into the run folder, H.264
 through imageio-ffmpeg. Frames are streamed to disk as they are rendered and
-each file is renamed into place only when complete. The camera intrinsics,
+each file is renamed into place only when complete: bad flags, an unwritable
+--out_dir, a failure, Ctrl-C or SIGTERM leave no partial file (and no folder
+this script made). The camera intrinsics,
 near/far bounds and NDC warp come from the run's dataset; the model and its
 config from the run's checkpoint.
 """
+import argparse
+import contextlib
+import math
 import os
+import signal
+import sys
+import threading
 
 import cv2
 import imageio.v2 as imageio
@@ -68,6 +76,9 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
     `render_factor`.
     """
     h, w = data.sizes[0]
+    if render_factor > min(h, w):
+        raise ValueError(f'--render_factor {render_factor}: the images are {w}x{h}, so it can be at most '
+                         f'{min(h, w)}')
     h, w = h // render_factor, w // render_factor
     focal = data.focal / render_factor
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h)
@@ -82,11 +93,16 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
     else:
         if data.ndc is not None:
             raise ValueError(f'--path {path} needs a 360-degree scene; use --path spiral for LLFF')
-        r = radius or ref_radius
+        r = ref_radius if radius is None else radius
         if path == 'spherical':
             poses = pose_utils.spherical_path(n_frames, r, elevation)
         else:
-            poses = pose_utils.zoom_path(n_frames, zoom_near or 0.75 * r, zoom_far or 2.0 * r, elevation)
+            z_near = 0.75 * r if zoom_near is None else zoom_near
+            z_far = 2.0 * r if zoom_far is None else zoom_far
+            if z_far <= z_near:
+                raise ValueError(f'--zoom_far ({z_far:g}{"" if zoom_far is not None else " = 2 x radius"}) must '
+                                 f'exceed --zoom_near ({z_near:g}{"" if zoom_near is not None else " = 0.75 x radius"})')
+            poses = pose_utils.zoom_path(n_frames, z_near, z_far, elevation)
         # Keep the near/far window where it was relative to the object.
         shift = poses[:, :, 3].norm(dim=-1) - ref_radius
         nears, fars = (near + shift).clamp_min(0.05), far + shift
@@ -105,42 +121,180 @@ def frame_rays(c2w, pix2cam, h, w, near, far, ndc):
 
 # ----------------------------------------------------------------------------
 
+PROG = 'visualize.py'
+
+
+def positive_float(v):
+    """An argparse type: a finite number > 0."""
+    x = float(v)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {v}')
+    return x
+
+
+def finite_float(v):
+    x = float(v)
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {v}')
+    return x
+
+
 def build_parser():
     p = config_lib.run_parser('Render videos of a trained mip-NeRF along a camera path.')
     p.add_argument('--path', default=None, choices=['spherical', 'spiral', 'zoom'],
                    help='camera path (default: spiral for LLFF, spherical otherwise)')
-    p.add_argument('--n_frames', type=config_lib.positive_int, default=120)
-    p.add_argument('--fps', type=config_lib.positive_int, default=30)
+    p.add_argument('--n_frames', type=config_lib.positive_int, default=120,
+                   help='frames in each video (the whole path; at least 1)')
+    p.add_argument('--fps', type=positive_float, default=30,
+                   help='frames per second of the videos (so n_frames / fps seconds long)')
     p.add_argument('--render_factor', type=config_lib.positive_int, default=1,
                    help='render at 1/N of the dataset resolution')
     p.add_argument('--visualize_depth', type=config_lib.str2bool, nargs='?', const=True, default=False,
                    metavar='BOOL', help='also write depth.mp4')
     p.add_argument('--visualize_normals', type=config_lib.str2bool, nargs='?', const=True, default=False,
                    metavar='BOOL', help='also write normals.mp4')
-    p.add_argument('--radius', type=float, default=None, help='orbit radius (default: mean camera distance)')
-    p.add_argument('--elevation', type=float, default=30., help='orbit elevation in degrees')
-    p.add_argument('--zoom_near', type=float, default=None, help='zoom path: nearest distance (default 0.75 x radius)')
-    p.add_argument('--zoom_far', type=float, default=None, help='zoom path: farthest distance (default 2 x radius)')
+    p.add_argument('--radius', type=positive_float, default=None,
+                   help='spherical and zoom paths: orbit radius (default: mean camera distance)')
+    p.add_argument('--elevation', type=finite_float, default=30.,
+                   help='spherical and zoom paths: orbit elevation in degrees')
+    p.add_argument('--zoom_near', type=positive_float, default=None,
+                   help='zoom path: nearest distance (default 0.75 x radius)')
+    p.add_argument('--zoom_far', type=positive_float, default=None,
+                   help='zoom path: farthest distance, more than --zoom_near (default 2 x radius)')
     p.add_argument('--out_dir', default=None, help='where the videos go (default: --log_dir)')
+    p.prog = PROG    # errors name the script also when main() is called from Python
     return p
 
 
 def fail(message):
-    config_lib.fail('visualize.py', message)
+    config_lib.fail(PROG, message)
+
+
+def explain(e):
+    """The one-line message of an error from open_run, with the way out of an unusable --kernels triton."""
+    msg = str(e)
+    if msg.startswith('--kernels triton') and '--kernels torch' not in msg:
+        msg += '; --kernels torch runs anywhere'
+    return msg
+
+
+# ----------------------------------------------------------------------------
+# Output folder and files: made early, removed again when nothing was written.
+
+def make_dirs(path):
+    """os.makedirs(path, exist_ok=True); returns the folders it made, deepest first (also when it fails)."""
+    made, d = [], os.path.abspath(path)
+    while not os.path.lexists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        remove_empty_dirs(made)
+        raise
+    return made
+
+
+def remove_empty_dirs(folders):
+    """Remove those of `folders` (deepest first) that exist and are empty."""
+    for d in folders:
+        try:
+            if os.path.isdir(d):
+                os.rmdir(d)
+        except OSError:
+            return
+
+
+def remove_files(paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            sys.stderr.write(f'{PROG}: could not remove {path}: {e.strerror}\n')
+
+
+def prepare_out_dir(out_dir, probe, flag):
+    """Make `out_dir` and check that a file can be written there; returns the folders made.
+
+    Raises ValueError with a one-line message naming `flag` when it cannot be.
+    """
+    made = []
+    try:
+        made = make_dirs(out_dir)
+        with open(probe, 'wb'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        remove_empty_dirs(made)
+        hint = 'pick a writable folder' if flag == '--out_dir' else 'pass --out_dir with a writable folder'
+        raise ValueError(f'{flag} {out_dir}: cannot write there ({e.strerror or e}); {hint}') from None
+    return made
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, like KeyboardInterrupt, so that nothing swallows it)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside, SIGINT and SIGTERM raise Stopped once; further ones are ignored while cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+
+    def handler(signum, frame):
+        if not got:
+            got.append(signum)
+            raise Stopped(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    made = []
     try:
-        model, cfg, ckpt, device, data = open_run(args, 'test')
-        path = args.path or ('spiral' if data.ndc is not None else 'spherical')
-        poses, frames = render_cameras(cfg, data, path, args.n_frames, args.render_factor, args.radius,
-                                       args.elevation, args.zoom_near, args.zoom_far)
-    except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
-        fail(e)
-    try:
-        write_videos(args, model, path, poses, frames, ckpt['step'])
+        with stop_on_signals():
+            try:
+                model, cfg, ckpt, device, data = open_run(args, 'test')
+                path = args.path or ('spiral' if data.ndc is not None else 'spherical')
+                poses, frames = render_cameras(cfg, data, path, args.n_frames, args.render_factor, args.radius,
+                                               args.elevation, args.zoom_near, args.zoom_far)
+            except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
+                fail(explain(e))
+            out_dir = args.out_dir or args.log_dir
+            problem = None
+            if ddp.is_main():
+                try:
+                    made = prepare_out_dir(out_dir, os.path.join(out_dir, 'video.partial.mp4'),
+                                           '--out_dir' if args.out_dir else '--log_dir')
+                except ValueError as e:
+                    problem = str(e)
+            if ddp.any_rank([problem is not None], device)[0]:     # every rank stops, not only rank 0
+                if problem:
+                    fail(problem)
+                sys.exit(2)
+            try:
+                write_videos(args, model, path, poses, frames, ckpt['step'], out_dir)
+            except OSError as e:     # a full disk, or ffmpeg failing: the first line says which
+                fail(f'writing the videos into {out_dir} failed: {str(e).strip().splitlines()[0]}')
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        sys.stderr.write(f'{PROG}: stopped by {name}; partial videos removed, nothing written\n')
+        sys.exit(128 + e.signum)          # 130 for Ctrl-C, 143 for SIGTERM, as train.py
     finally:
+        remove_empty_dirs(made)           # a folder made here stays only if it holds a video
         ddp.cleanup()
 
 
@@ -158,33 +312,45 @@ def render_frame(model, args, c2w, camera):
     return images
 
 
-def write_videos(args, model, path, poses, frames, step):
-    """Stream frames into the videos; under torchrun, ranks render frames round-robin for rank 0 to write."""
+def write_videos(args, model, path, poses, frames, step, out_dir):
+    """Stream frames into the videos; under torchrun, ranks render frames round-robin for rank 0 to write.
+
+    The videos are written as <name>.partial.mp4 and renamed when all are
+    complete; on any error or signal the partial files are removed (those
+    that exist: ffmpeg creates a file only at the first frame).
+    """
     rank, world, main = ddp.rank(), ddp.world_size(), ddp.is_main()
-    out_dir = args.out_dir or args.log_dir
     names = ['video'] + ['depth'] * args.visualize_depth + ['normals'] * args.visualize_normals
     tmp = {n: os.path.join(out_dir, f'{n}.partial.mp4') for n in names}
     writers = {}
-    if main:
-        os.makedirs(out_dir, exist_ok=True)
-        writers = {n: imageio.get_writer(tmp[n], fps=args.fps, codec='libx264', quality=8, macro_block_size=2)
-                   for n in names}
     try:
-        for first in tqdm(range(0, len(poses), world), desc=f'{path} path', dynamic_ncols=True, disable=not main):
-            k = first + rank
-            images = render_frame(model, args, poses[k], frames[k]) if k < len(poses) else None
-            for part in ddp.gather(images) or []:       # frames first .. first + world - 1, in order
-                for n in names if part is not None else []:
-                    writers[n].append_data(part[n])
+        if main:
+            for n in names:
+                writers[n] = imageio.get_writer(tmp[n], fps=args.fps, codec='libx264', quality=8,
+                                                macro_block_size=2)
+        # The bar as a context: an error or signal ends its line before the message that follows.
+        with tqdm(total=len(poses), desc=f'{path} path', dynamic_ncols=True, disable=not main) as bar:
+            for first in range(0, len(poses), world):
+                k = first + rank
+                images = render_frame(model, args, poses[k], frames[k]) if k < len(poses) else None
+                for part in ddp.gather(images) or []:       # frames first .. first + world - 1, in order
+                    for n in names if part is not None else []:
+                        writers[n].append_data(part[n])
+                bar.update(min(world, len(poses) - first))
+        while writers:                                  # each closed writer leaves the dict
+            writers.pop(next(iter(writers))).close()
     except BaseException:
-        for n in writers:
-            writers[n].close()
-            os.remove(tmp[n])
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:
+                pass
+        if main:
+            remove_files(tmp.values())
         raise
     if not main:
         return
     for n in names:
-        writers[n].close()
         os.replace(tmp[n], os.path.join(out_dir, f'{n}.mp4'))
     print(f'wrote {", ".join(n + ".mp4" for n in names)} to {out_dir} '
           f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {step})')

@@ -12,7 +12,6 @@ MLP forward and backward, compositing), renders one full frame and one
 grid_size^3 density grid, and prints one table. Device work is timed with
 synchronization around the timed region, after warm-up steps.
 """
-import argparse
 import os
 import sys
 import time
@@ -22,14 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config as config_lib  # noqa: E402
-import datasets  # noqa: E402
-import ddp  # noqa: E402
-import extract_mesh  # noqa: E402
-import fused_mlp  # noqa: E402
-import ray_utils  # noqa: E402
-import train  # noqa: E402
-from model import MipNeRF  # noqa: E402
-from scheduler import Schedule  # noqa: E402
+
+# The modules that run the benchmark are imported where they are used, after
+# the flags are checked: a bad flag fails in seconds, not after importing them.
 
 
 def synchronize(device):
@@ -53,7 +47,9 @@ def timed(fn, device, steps, warmup):
 
 def synthetic_scene(n, size, focal_frac=1.389):
     """Random images and cameras on a sphere of radius 4 looking at the origin (Blender-like)."""
+    import datasets
     import pose_utils
+    import ray_utils
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(n, size, size, 3, generator=gen)
     az = torch.rand(n, generator=gen) * 360
@@ -72,16 +68,20 @@ def make_cfg(args, precision, kernels):
 
 
 def bench_variant(name, args, data, device):
+    import datasets
+    import ddp
+    import extract_mesh
+    import fused_mlp
+    import ray_utils
+    import train
+    from model import MipNeRF
+    from scheduler import Schedule
     precision, *extras = name.split('+')
-    unknown = set(extras) - {'compile', 'triton'}
-    if unknown:
-        raise SystemExit(f'benchmark.py: error: unknown variant option {"+".join(unknown)} in {name!r} '
-                         '(use compile or triton)')
     cfg = make_cfg(args, precision, 'triton' if 'triton' in extras else 'torch')
     torch.manual_seed(0)
     model = MipNeRF.from_config(cfg).to(device)
     if cfg.kernels == 'triton' and model.fused_reason(device):
-        raise SystemExit(f'benchmark.py: error: variant {name}: {model.fused_reason(device)}')
+        fail(f'--variants: {name}: {model.fused_reason(device)}; drop +triton from it')
     if 'compile' in extras:
         model.mlp.compile()
     net = model
@@ -89,7 +89,7 @@ def bench_variant(name, args, data, device):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     opt = model.watch_optimizer(torch.optim.Adam(model.parameters(), lr=cfg.lr_init))
     schedule = Schedule(cfg)
-    sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0)
+    sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0, batching=cfg.batching)
 
     def step():
         train.train_step(net, opt, schedule, sampler, cfg, 0)
@@ -139,27 +139,99 @@ def bench_variant(name, args, data, device):
                 peak_gb=peak, parts={k: v * 1e3 for k, v in parts.items()}, frame=tuple(frame.origins.shape[:2]))
 
 
+# Size flags: (default, default with --quick, help). Flags given explicitly win over --quick.
+SIZES = {
+    'batch_size': (4096, 256, 'rays per training step'),
+    'num_samples': (128, 16, 'samples per level'),
+    'net_width': (256, 64, 'trunk width of the MLP'),
+    'image_size': (800, 32, 'synthetic image size in pixels (ignored with --base_dir)'),
+    'grid_size': (256, 16, 'nodes per axis of the timed density grid, at least 2'),
+    'chunk': (8192, 8192, 'rays per forward pass when rendering the frame'),
+    'steps': (20, 3, 'timed runs of each measurement (the median is reported)'),
+    'warmup': (5, 1, 'untimed training steps before timing, 0 or more'),
+}
+PRECISIONS = ('fp32', 'tf32', 'bf16')
+EXTRAS = ('compile', 'triton')
+
+
+def fail(message):
+    config_lib.fail('benchmark.py', message)
+
+
+def build_parser():
+    ap = config_lib._Parser(prog='benchmark.py', description=__doc__.split('\n')[0],
+                            epilog='Size flags given explicitly win over --quick, which only changes the defaults.')
+    ap.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
+    ap.add_argument('--base_dir', default=None, help='a Blender scene folder to train on (default: synthetic images)')
+    ap.add_argument('--variants', default='fp32,tf32,bf16',
+                    help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile '
+                         '(torch.compile) or +triton (fused MLP, bf16 on CUDA)')
+    for name, (full, quick, text) in SIZES.items():
+        # default None: filled in by parse_args() from --quick, so that explicit flags win over it.
+        ap.add_argument(f'--{name}', type=int if name == 'warmup' else config_lib.positive_int, default=None,
+                        metavar='N',
+                        help=f'{text} (default: {full}; {quick} with --quick)' if full != quick
+                        else f'{text} (default: {full})')
+    ap.add_argument('--quick', action='store_true',
+                    help='small default sizes and 8 synthetic images, a CPU smoke test; explicit size flags '
+                         'still win')
+    return ap
+
+
+def check_variants(spec):
+    names = spec.split(',')
+    for name in names:
+        precision, *extras = name.split('+')
+        if precision not in PRECISIONS:
+            fail(f'--variants {spec}: {name!r} must start with a precision, one of {", ".join(PRECISIONS)}')
+        unknown = [e for e in extras if e not in EXTRAS]
+        if unknown:
+            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile or +triton)')
+    return names
+
+
+def parse_args(argv=None):
+    """Flags, with the size defaults of --quick filled in where not given; exits 2 with one line on a bad value."""
+    args = build_parser().parse_args(argv)
+    for name, (full, quick, _) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.grid_size < 2:
+        fail(f'--grid_size must be at least 2, got {args.grid_size}')
+    if args.warmup < 0:
+        fail(f'--warmup must not be negative, got {args.warmup}')
+    check_variants(args.variants)
+    return args
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--device', default='auto')
-    ap.add_argument('--base_dir', default=None, help='a Blender scene (default: synthetic images)')
-    ap.add_argument('--variants', default='fp32,tf32,bf16', help='comma-separated precisions, "+compile" to compile')
-    ap.add_argument('--batch_size', type=int, default=4096)
-    ap.add_argument('--num_samples', type=int, default=128)
-    ap.add_argument('--net_width', type=int, default=256)
-    ap.add_argument('--image_size', type=int, default=800, help='synthetic image size')
-    ap.add_argument('--grid_size', type=int, default=256)
-    ap.add_argument('--chunk', type=int, default=8192)
-    ap.add_argument('--steps', type=int, default=20)
-    ap.add_argument('--warmup', type=int, default=5)
-    ap.add_argument('--quick', action='store_true', help='small sizes (CPU smoke test)')
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.num_samples, args.net_width = 256, 16, 64
-        args.image_size, args.grid_size, args.steps, args.warmup = 32, 16, 3, 1
-    device = ddp.setup(config_lib.resolve_device(args.device))
+    args = parse_args(argv)
+    variants = args.variants.split(',')
+    try:
+        config_lib.validate_device(args.device)
+        device = config_lib.resolve_device(args.device)
+    except (config_lib.ConfigError, RuntimeError) as e:
+        fail(e if isinstance(e, config_lib.ConfigError) else f'--device {args.device}: {e}')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f'--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto')
+    if args.base_dir and not os.path.isfile(os.path.join(args.base_dir, 'transforms_train.json')):
+        what = 'holds no transforms_train.json' if os.path.isdir(args.base_dir) else 'is not a folder'
+        fail(f'--base_dir {args.base_dir} {what}: pass a Blender scene folder (e.g. data/nerf_synthetic/lego) '
+             'or omit it for synthetic images')
+    import datasets
+    import ddp
+    from model import MipNeRF
+    for name in variants:   # before any timing: a variant the fused kernels can't run
+        if 'triton' in name.split('+')[1:]:
+            reason = MipNeRF.from_config(make_cfg(args, name.split('+')[0], 'triton')).fused_reason(device)
+            if reason:
+                fail(f'--variants: {name}: {reason}; drop +triton from it')
+    device = ddp.setup(device)
     if args.base_dir:
-        data = datasets.get_dataset('blender', args.base_dir, 'train')
+        try:
+            data = datasets.get_dataset('blender', args.base_dir, 'train')
+        except datasets.DataError as e:
+            fail(f'--base_dir {args.base_dir}: {e}')
     else:
         data = synthetic_scene(8 if args.quick else 100, args.image_size)
     print(f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
@@ -167,7 +239,7 @@ def main(argv=None):
           f'torch {torch.__version__}, batch {args.batch_size}, 2 x {args.num_samples} samples, '
           f'width {args.net_width}, data {args.base_dir or "synthetic"}', flush=True)
     rows = []
-    for name in args.variants.split(','):
+    for name in variants:
         rows.append(bench_variant(name, args, data, device))
         r = rows[-1]
         print(f"  {name}: {r['rays_s']:,.0f} rays/s; parts (ms) "

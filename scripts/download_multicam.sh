@@ -3,9 +3,11 @@
 # downloads nerf_synthetic if needed, then converts it with scripts/convert_blender_data.py.
 # Safe to run again: converted scenes are kept.
 set -euo pipefail
+# DATA_DIR: a relative path given is taken from where the script is run; the default is the repo's data/.
+DATA_DIR=$(if [ -n "${1:-}" ]; then realpath -m -- "$1"; fi)
 cd "$(dirname "$0")/.."
+DATA_DIR=${DATA_DIR:-data}
 source scripts/download_lib.sh
-DATA_DIR=${1:-data}
 if check_multicam "$DATA_DIR/nerf_multiscale" >/dev/null; then
   echo "multiscale scenes already in $DATA_DIR/nerf_multiscale"; exit 0
 fi

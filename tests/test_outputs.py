@@ -82,6 +82,61 @@ def test_eval_refuses_a_missing_run(tmp_path):
     assert res.returncode == 2 and 'no checkpoint' in res.stderr and 'Traceback' not in res.stderr
 
 
+def run_eval(args, capsys):
+    """eval.main in this process: (exit code, stderr lines, stdout); a traceback fails the test."""
+    try:
+        eval_script.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, err.strip().splitlines(), out
+
+
+def test_eval_never_replaces_a_folder_it_did_not_write(demo_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / 'run'
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns('eval_*'))
+    before = sorted(os.listdir(run))
+    for out in (run, tmp_path):   # the run itself, and a folder holding it
+        code, err, _ = run_eval(['--log_dir', str(run), '--device', 'cpu', '--out_dir', str(out)], capsys)
+        assert code == 2 and len(err) == 1 and 'holds other files' in err[0] and 'pass a new or empty folder' in err[0]
+    assert sorted(os.listdir(run)) == before
+    code, err, _ = run_eval(['--log_dir', str(run), '--device', 'cpu', '--out_dir', '/proc/no/such'], capsys)
+    assert code == 2 and len(err) == 1 and '--out_dir /proc/no/such: cannot write there' in err[0]
+    # An earlier evaluation in the folder is replaced, as a rerun expects.
+    out = tmp_path / 'ev'
+    for _ in range(2):
+        assert run_eval(['--log_dir', str(run), '--device', 'cpu', '--out_dir', str(out)], capsys)[0] == 0
+    assert not os.path.exists(str(out) + '.partial')
+    assert json.load(open(out / 'metrics.json'))['checkpoint'] == str(run / 'ckpt_0000250.pt')
+
+
+def test_bad_checkpoints_are_one_line_errors_and_a_folder_falls_back(demo_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / 'run'
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns('eval_*'))
+    good = (run / 'ckpt_0000250.pt').read_bytes()
+    cases = {'truncated': good[:1000], 'empty': b'', 'random': os.urandom(4000)}
+    for name, data in cases.items():
+        (tmp_path / f'{name}.pt').write_bytes(data)
+        code, err, _ = run_eval(['--ckpt', str(tmp_path / f'{name}.pt'), '--device', 'cpu'], capsys)
+        assert code == 2 and len(err) == 1 and f'{name}.pt is unreadable' in err[0], err
+    torch.save({'step': 3}, tmp_path / 'other.pt')
+    code, err, _ = run_eval(['--ckpt', str(tmp_path / 'other.pt'), '--device', 'cpu'], capsys)
+    assert code == 2 and len(err) == 1 and 'other.pt is not a checkpoint of train.py (no model_args' in err[0]
+    # A run folder whose latest checkpoint is truncated: the one before is used, with a note.
+    (run / 'ckpt_0000300.pt').write_bytes(good[:5000])
+    code, err, out = run_eval(['--log_dir', str(run), '--device', 'cpu', '--out_dir', str(tmp_path / 'ev')], capsys)
+    assert code == 0 and 'ckpt_0000300.pt is unreadable' in out and 'taking the one before' in out
+    assert json.load(open(tmp_path / 'ev' / 'metrics.json'))['step'] == 250
+    # --ckpt alone: outputs go beside the checkpoint.
+    code, _, _ = run_eval(['--ckpt', str(run / 'ckpt_0000250.pt'), '--device', 'cpu'], capsys)
+    assert code == 0 and (run / 'eval_test_0000250' / 'metrics.json').exists()
+    code, err, _ = run_eval(['--device', 'cpu'], capsys)
+    assert code == 2 and len(err) == 1 and 'pass the run with --log_dir' in err[0]
+
+
 def test_video_has_the_expected_frames(demo_run, tmp_path):
     visualize.main(['--log_dir', demo_run, '--out_dir', str(tmp_path), '--n_frames', '6', '--render_factor', '2',
                     '--visualize_depth', '--visualize_normals', '--device', 'cpu'])

@@ -128,9 +128,48 @@ def test_unreadable_checkpoint(scene, tmp_path, refuse):
     (['--min_deg_point', '8', '--max_deg_point', '4'], 'must not exceed --max_deg_point'),
     (['--near', '6', '--far', '6'], 'must be less than --far'),
     (['--max_nonfinite', '0'], '--max_nonfinite must be positive'),
+    (['--lr_init', 'nan'], '--lr_init must be positive, got nan'),
+    (['--lr_delay_mult', '-1'], '--lr_delay_mult must be positive'),
+    (['--far', 'inf'], '--far must be a finite number'),
+    (['--factor', '1000'], '--factor 1000 is larger than the 32x32 images'),
 ])
 def test_invalid_numeric_flags(scene, tmp_path, flags, needle, refuse):
     refuse(tiny_args(scene, tmp_path / 'run', *flags), needle, tmp_path / 'run')
+
+
+def test_scene_typo_lists_the_scenes_and_a_wrong_format_is_named(tmp_path, refuse):
+    for name in ('lego', 'ship'):
+        (tmp_path / 'nerf_synthetic' / name).mkdir(parents=True)
+    line = refuse(['--data_dir', str(tmp_path), '--scene', 'leggo', '--log_dir', str(tmp_path / 'run')],
+                  'has: lego, ship (pass one of them with --scene)', tmp_path / 'run')
+    assert 'download' not in line
+    refuse(['--base_dir', str(tmp_path / 'nerf_synthetic' / 'lego'), '--log_dir', str(tmp_path / 'run'),
+            '--device', 'cpu'], 'is not a Blender scene (no transforms_*.json)', tmp_path / 'run')
+
+
+def test_log_dir_that_is_a_file_or_unwritable(scene, tmp_path, refuse):
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    refuse(tiny_args(scene, afile), f'--log_dir {afile} is a file', tmp_path / 'nothing')
+    refuse(tiny_args(scene, '/proc/no/such/run'), '--log_dir /proc/no/such/run: cannot create it', '/proc/no/such/run')
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(scene, tmp_path, capsys):
+    """Without --resume, a run in a folder with checkpoints would prune them and mix two logs."""
+    log = tmp_path / 'run'
+    train.main(tiny_args(scene, log, '--max_steps', '6', '--save_every', '3'))
+    before = sorted(os.listdir(log))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(scene, log, '--max_steps', '4'))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert 'already holds a run (latest ckpt_0000006.pt): add --resume' in err[0]
+    assert sorted(os.listdir(log)) == before
+    # Resuming at or past --max_steps trains nothing and writes nothing.
+    train.main(tiny_args(scene, log, '--max_steps', '6', '--resume'))
+    assert 'is at step 6 and --max_steps is 6: nothing to train' in capsys.readouterr().out
+    assert sorted(os.listdir(log)) == before
 
 
 def test_fused_kernels_refused_where_they_cannot_run(scene, tmp_path, refuse):
