@@ -34,7 +34,7 @@ import config as config_lib
 import ddp
 import ray_utils
 from model import open_run
-from visualize import Stopped, explain, make_dirs, remove_empty_dirs, stop_on_signals
+from visualize import Stopped, prepare_out_dir, remove_empty_dirs, remove_files, stop_on_signals
 
 DEFAULT_BBOX = {'llff': (-1., -1., -1., 1., 1., 1.)}
 BLENDER_BBOX = (-1.5, -1.5, -1.5, 1.5, 1.5, 1.5)
@@ -211,33 +211,9 @@ def check_args(args):
     return None
 
 
-def remove_file(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        sys.stderr.write(f'{PROG}: could not remove {path}: {e.strerror}\n')
-
-
 def partial_path(out):
     ext = os.path.splitext(out)[1]
     return out[:-len(ext)] + '.partial' + ext
-
-
-def prepare_out(out, flag):
-    """Make the folder of `out` and check that its partial file can be written; returns the folders made."""
-    made = []
-    try:
-        made = make_dirs(os.path.dirname(os.path.abspath(out)))
-        with open(partial_path(out), 'wb'):
-            pass
-        os.remove(partial_path(out))
-    except OSError as e:
-        remove_empty_dirs(made)
-        hint = 'pick a writable place' if flag == '--out' else 'pass --out with a writable file name'
-        raise ValueError(f'{flag} {out}: cannot write there ({e.strerror or e}); {hint}') from None
-    return made
 
 
 def main(argv=None):
@@ -252,11 +228,13 @@ def main(argv=None):
             try:
                 model, cfg, ckpt, device, _ = open_run(args)
             except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
-                fail(explain(e))
+                fail(e)
             problem = None
             if ddp.is_main():
                 try:
-                    made = prepare_out(out, '--out' if args.out else '--log_dir')
+                    made = prepare_out_dir(os.path.dirname(os.path.abspath(out)), partial_path(out),
+                                           *(('--out', 'pick a writable place') if args.out else
+                                             ('--log_dir', 'pass --out with a writable file name')), out)
                 except ValueError as e:
                     problem = str(e)
             if ddp.any_rank([problem is not None], device)[0]:     # every rank stops, not only rank 0
@@ -302,10 +280,10 @@ def extract(args, out, model, cfg, ckpt, device):
         mesh.export(tmp)
         os.replace(tmp, out)
     except OSError as e:
-        remove_file(tmp)
+        remove_files([tmp], PROG)
         fail(f'writing {out} failed ({e.strerror or e}); nothing written')
     except BaseException:
-        remove_file(tmp)
+        remove_files([tmp], PROG)
         raise
     print(f'wrote {out}: {len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces '
           f'(grid {args.grid_size}^3 over {bbox}, threshold {args.threshold:g}, step {ckpt["step"]})')

@@ -304,7 +304,8 @@ CHECKPOINT_KEYS = ('step', 'model_args', 'config', 'model')
 
 
 def read_checkpoint(path, device='cpu', keys=CHECKPOINT_KEYS):
-    """torch.load a checkpoint written by train.py; ValueError with a one-line reason otherwise."""
+    """torch.load a checkpoint written by train.py, with its 'path' added; ValueError with a one-line
+    reason otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
@@ -315,6 +316,7 @@ def read_checkpoint(path, device='cpu', keys=CHECKPOINT_KEYS):
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f'{path} is not a checkpoint of train.py (no {", ".join(missing)})')
+    ckpt['path'] = path
     return ckpt
 
 
@@ -330,7 +332,6 @@ def load_checkpoint(path, device='cpu'):
     except (TypeError, RuntimeError) as e:
         raise ValueError(f'checkpoint {path} does not match this code\'s network '
                          f'({type(e).__name__}: {str(e).splitlines()[0][:80]})') from None
-    ckpt['path'] = path
     return model.to(device).eval(), ckpt
 
 
@@ -381,7 +382,7 @@ def open_run(args, split=None):
     model.set_precision(getattr(args, 'precision', None) or getattr(cfg, 'precision', 'fp32'))
     model.kernels = getattr(args, 'kernels', None) or getattr(cfg, 'kernels', 'torch')
     if model.kernels == 'triton' and model.fused_reason(device):
-        raise ValueError(f'--kernels triton: {model.fused_reason(device)}')
+        raise ValueError(f'--kernels triton: {model.fused_reason(device)}; --kernels torch runs anywhere')
     if getattr(args, 'base_dir', None):
         cfg.base_dir = args.base_dir
     data = datasets.dataset_from_config(cfg, split) if split else None

@@ -180,9 +180,6 @@ def prepare_log_dir(cfg):
         fail(f'--log_dir {d}: cannot create it ({e.strerror}): pass a writable folder')
     if not os.access(d, os.W_OK | os.X_OK):
         fail(f'--log_dir {d} is not writable: pass a writable folder')
-    if cfg.lr_delay_steps >= cfg.max_steps:
-        print(f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans the '
-              f'whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs')
 
 
 def resolve_resume(cfg, device):
@@ -198,9 +195,7 @@ def resolve_resume(cfg, device):
             fail(f'--resume: {e}; pass an earlier one')
     for path in reversed(list_checkpoints(cfg.log_dir)):
         try:
-            ckpt = load_training_checkpoint(path, device)
-            ckpt['path'] = path
-            return ckpt
+            return load_training_checkpoint(path, device)
         except ValueError as e:
             print(f'--resume: {e}; trying the one before')
     print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
@@ -241,12 +236,15 @@ def run(cfg, stop):
     rank, main = ddp.rank(), ddp.is_main()
     torch.manual_seed(cfg.seed)          # the same initial weights on every rank
 
+    if main:
+        prepare_log_dir(cfg)   # before anything slow: a refusal comes at once
     if cfg.dataset_name == 'demo' and not os.path.isdir(cfg.base_dir) and main:
         from scripts.make_demo import make_demo_scene
         print(f'demo scene not found in {cfg.base_dir}: generating it (about half a minute)')
         make_demo_scene(cfg.base_dir)
-    if main:
-        prepare_log_dir(cfg)
+    if main and cfg.lr_delay_steps >= cfg.max_steps:
+        print(f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans the '
+              f'whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs')
     ddp.barrier()
     try:
         train_data = datasets.dataset_from_config(cfg, 'train')
@@ -293,16 +291,16 @@ def run(cfg, stop):
         if ckpt['model_args'] != model_args:
             diff = ', '.join(f'{k}: {v} there, {model_args.get(k)} here'
                              for k, v in ckpt['model_args'].items() if model_args.get(k) != v)
-            fail(f'--resume {ckpt.get("path", cfg.resume)}: the checkpoint has a different network ({diff}); '
+            fail(f'--resume {ckpt["path"]}: the checkpoint has a different network ({diff}); '
                  'pass the same model flags or another --log_dir')
         step = restore(ckpt, with_rng=True)
         if step >= cfg.max_steps:
             if main:
-                print(f'{ckpt.get("path", cfg.resume)} is at step {step} and --max_steps is {cfg.max_steps}: '
+                print(f'{ckpt["path"]} is at step {step} and --max_steps is {cfg.max_steps}: '
                       'nothing to train (raise --max_steps to go on)')
             return
         if main:
-            print(f'resumed from {ckpt.get("path", cfg.resume)} at step {step}')
+            print(f'resumed from {ckpt["path"]} at step {step}')
     initial = copy.deepcopy({'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                              'schedule': schedule.state_dict()})
     if main:

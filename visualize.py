@@ -170,14 +170,6 @@ def fail(message):
     config_lib.fail(PROG, message)
 
 
-def explain(e):
-    """The one-line message of an error from open_run, with the way out of an unusable --kernels triton."""
-    msg = str(e)
-    if msg.startswith('--kernels triton') and '--kernels torch' not in msg:
-        msg += '; --kernels torch runs anywhere'
-    return msg
-
-
 # ----------------------------------------------------------------------------
 # Output folder and files: made early, removed again when nothing was written.
 
@@ -205,20 +197,22 @@ def remove_empty_dirs(folders):
             return
 
 
-def remove_files(paths):
+def remove_files(paths, prog=PROG):
+    """Remove those of `paths` that exist; say so (prefixed by `prog`) when one cannot be."""
     for path in paths:
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
         except OSError as e:
-            sys.stderr.write(f'{PROG}: could not remove {path}: {e.strerror}\n')
+            sys.stderr.write(f'{prog}: could not remove {path}: {e.strerror}\n')
 
 
-def prepare_out_dir(out_dir, probe, flag):
-    """Make `out_dir` and check that a file can be written there; returns the folders made.
+def prepare_out_dir(out_dir, probe, flag, hint, value=None):
+    """Make `out_dir` and check that the file `probe` can be written there; returns the folders made.
 
-    Raises ValueError with a one-line message naming `flag` when it cannot be.
+    Raises ValueError with a one-line message naming `flag` (and its `value`,
+    `out_dir` by default) and ending in `hint` when it cannot be.
     """
     made = []
     try:
@@ -228,8 +222,7 @@ def prepare_out_dir(out_dir, probe, flag):
         os.remove(probe)
     except OSError as e:
         remove_empty_dirs(made)
-        hint = 'pick a writable folder' if flag == '--out_dir' else 'pass --out_dir with a writable folder'
-        raise ValueError(f'{flag} {out_dir}: cannot write there ({e.strerror or e}); {hint}') from None
+        raise ValueError(f'{flag} {value or out_dir}: cannot write there ({e.strerror or e}); {hint}') from None
     return made
 
 
@@ -272,13 +265,14 @@ def main(argv=None):
                 poses, frames = render_cameras(cfg, data, path, args.n_frames, args.render_factor, args.radius,
                                                args.elevation, args.zoom_near, args.zoom_far)
             except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
-                fail(explain(e))
+                fail(e)
             out_dir = args.out_dir or args.log_dir
             problem = None
             if ddp.is_main():
                 try:
                     made = prepare_out_dir(out_dir, os.path.join(out_dir, 'video.partial.mp4'),
-                                           '--out_dir' if args.out_dir else '--log_dir')
+                                           *(('--out_dir', 'pick a writable folder') if args.out_dir else
+                                             ('--log_dir', 'pass --out_dir with a writable folder')))
                 except ValueError as e:
                     problem = str(e)
             if ddp.any_rank([problem is not None], device)[0]:     # every rank stops, not only rank 0
