@@ -12,6 +12,7 @@ Every camera is a pix2cam `[3, 3]` and a cam2world `[3, 4]` matrix (see
 `ray_utils.pixel_rays`), so all loaders share one ray generator; LLFF scenes
 add the NDC warp of the official release.
 """
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-import config as config_lib
+import cli
 import pose_utils
 import ray_utils
 
@@ -30,6 +31,50 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------
+# The datasets: where they live and their defaults (the official blender.gin /
+# llff.gin / multiblender.gin). Flags and config files override the defaults.
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    folder: str          # under --data_dir
+    script: str          # the script that downloads it
+    scene: str           # the default --scene
+    defaults: dict       # per-dataset flag defaults
+
+
+# Multicam draws from all images: its images differ in size, and the official
+# single_image batching indexes every image with the first one's pixel count.
+# The demo does too: its runs are a few thousand steps, where batches drawn from
+# one view at a time leave colours visibly behind.
+_BLENDER = dict(white_bkgd=True, near=2., far=6., factor=0, ray_shape='cone',
+                density_noise=0., lindisp=False, batching='single_image')
+DATASETS = {
+    'blender': Dataset('nerf_synthetic', 'scripts/download_blender.sh', 'lego', _BLENDER),
+    'llff': Dataset('nerf_llff_data', 'scripts/download_llff.sh', 'fern',
+                    dict(white_bkgd=False, near=0., far=1., factor=4, ray_shape='cylinder',
+                         density_noise=1., lindisp=False, batching='all_images')),
+    'multicam': Dataset('nerf_multiscale', 'scripts/download_multicam.sh', 'lego',
+                        dict(_BLENDER, batching='all_images')),
+    'demo': Dataset('demo', None, '', dict(_BLENDER, batching='all_images')),
+}
+
+
+def apply_defaults(cfg):
+    """Fill the flags left unset (None) with the dataset's defaults; also base_dir and log_dir."""
+    d = DATASETS[cfg.dataset_name]
+    for k, v in d.defaults.items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.scene is None:
+        cfg.scene = d.scene
+    if cfg.base_dir is None:
+        cfg.base_dir = os.path.join(cfg.data_dir, d.folder, *([cfg.scene] if cfg.scene else []))
+    if cfg.log_dir is None:
+        cfg.log_dir = os.path.join('log', cfg.scene or cfg.dataset_name)
+    return cfg
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +163,9 @@ class SceneData:
         self.h, self.w = self.sizes[0]
         self.pix2cam, self.cam2world = pix2cam, cam2world
         self.focal = float(1 / pix2cam[0, 0, 0])
-        full = lambda v: torch.full((n,), float(v)) if np.isscalar(v) else torch.as_tensor(v, dtype=torch.float32)
+
+        def full(v):
+            return torch.full((n,), float(v)) if np.isscalar(v) else torch.as_tensor(v, dtype=torch.float32)
         self.near, self.far = full(near), full(far)
         self.lossmult = full(1.) if lossmult is None else full(lossmult)
         self.ndc = ndc
@@ -160,7 +207,9 @@ def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
         dy = torch.linalg.norm(origins - ndc_origin(x_next, y), dim=-1, keepdim=True)
         radii = 0.5 * (dx + dy) * (2 / math.sqrt(12))
     ones = torch.ones_like(radii)
-    as_col = lambda v: torch.as_tensor(v, dtype=radii.dtype, device=radii.device)[..., None] * ones
+
+    def as_col(v):
+        return torch.as_tensor(v, dtype=radii.dtype, device=radii.device)[..., None] * ones
     return ray_utils.Rays(origins, directions, viewdirs, radii, as_col(lossmult), as_col(near), as_col(far))
 
 
@@ -212,8 +261,6 @@ def llff_image_dir(base_dir, factor):
     if not os.path.isdir(source):
         raise DataError(f'{folder} is missing and there is no {source} to make it from: re-download the scene')
     files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
-    tmp = folder + '.partial'
-    os.makedirs(tmp, exist_ok=True)
     print(f'making {folder} from {len(files)} images in {source} (once)')
 
     def shrink(f):
@@ -224,9 +271,15 @@ def llff_image_dir(base_dir, factor):
             raise DataError(f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images in {source}: '
                             'pass a smaller one')
         small = cv2.resize(img, (img.shape[1] // factor, img.shape[0] // factor), interpolation=cv2.INTER_AREA)
-        cv2.imwrite(os.path.join(tmp, os.path.splitext(f)[0] + '.png'), small)
-    _read_all(files, shrink)
-    os.replace(tmp, folder)
+        out = os.path.join(tmp, os.path.splitext(f)[0] + '.png')
+        if not cv2.imwrite(out, small):
+            raise OSError(f'could not write {out}')
+    try:
+        with cli.atomic_output(folder, folder=True) as tmp:   # images_N.partial/, renamed when complete
+            _read_all(files, shrink)
+    except OSError as e:
+        raise DataError(f'{folder}: could not make it ({e.strerror or e}): free some space or make the scene '
+                        'folder writable') from None
     return folder
 
 
@@ -326,8 +379,10 @@ def get_dataset(dataset_name, base_dir, split, factor=None, white_bkgd=None, nea
         raise DataError(f'unknown dataset {dataset_name!r}: use one of {sorted(LOADERS)}')
     if not os.path.isdir(base_dir):
         raise DataError(f'scene folder {base_dir} not found')
-    d = config_lib.DATASET_DEFAULTS[dataset_name]
-    pick = lambda v, k: d[k] if v is None else v
+    d = DATASETS[dataset_name].defaults
+
+    def pick(v, k):
+        return d[k] if v is None else v
     return LOADERS[dataset_name](
         base_dir, split, factor=pick(factor, 'factor'), white_bkgd=pick(white_bkgd, 'white_bkgd'),
         near=pick(near, 'near'), far=pick(far, 'far'), llffhold=llffhold)

@@ -10,26 +10,21 @@ complete), and prints a table. For Multicam scenes the table has one column
 per scale, in the layout of the paper's multiscale table. LPIPS needs the
 `lpips` package and its weights; without them a one-line note says so.
 """
-import json
 import math
 import os
 import re
-import shutil
+import sys
 
-import cv2
-from tqdm import tqdm
+import cli
+import config
 
-import config as config_lib
-import ddp
-from loss import LPIPS, average_error, mse_to_psnr, ssim
-from model import open_run
-from visualize import colorize_depth, to_uint8
-
+PROG = 'eval.py'
 SCALE_NAMES = ['Full Res.', '1/2 Res.', '1/4 Res.', '1/8 Res.']
 
 
 def image_metrics(rgb, target, lpips_fn=None):
     """PSNR, SSIM, MSE (and LPIPS) of one rendered image against its target."""
+    from loss import mse_to_psnr, ssim
     mse = float(((rgb - target) ** 2).mean())
     out = {'psnr': mse_to_psnr(mse) if mse > 0 else math.inf, 'ssim': ssim(rgb, target), 'mse': mse}
     if lpips_fn is not None and lpips_fn.available:
@@ -42,6 +37,7 @@ def summarize(rows):
     keys = [k for k in ('psnr', 'ssim', 'lpips', 'mse') if all(k in r for r in rows)]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     if 'lpips' in mean:
+        from loss import average_error
         mean['avg_error'] = average_error(mean['psnr'], mean['ssim'], mean['lpips'])
     return mean
 
@@ -67,23 +63,22 @@ def format_table(metrics):
 
 
 def build_parser():
-    p = config_lib.run_parser('Evaluate a trained mip-NeRF on its test split.')
+    p = config.run_parser('Evaluate a trained mip-NeRF on its test split.')
     p.add_argument('--split', default='test', help='split to evaluate')
     p.add_argument('--out_dir', default=None, help='output folder (default: <log_dir>/eval_<split>_<step>)')
     return p
 
 
 def fail(message):
-    config_lib.fail('eval.py', message)
+    cli.fail(PROG, message)
 
 
 EVAL_FILE = re.compile(r'((color|acc|depth)_\d{3,}\.png|metrics\.json)$')
 
 
-def prepare_out_dir(out_dir):
+def check_out_dir(out_dir):
     """Refuse a folder that holds anything but an earlier evaluation (which is replaced when the
-    new one is complete), and make the `.partial` folder the results are written into first.
-    Returns its path."""
+    new one is complete), or a place that cannot be written. Returns the folders it made."""
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             fail(f'--out_dir {out_dir} is a file: pass a folder')
@@ -91,61 +86,63 @@ def prepare_out_dir(out_dir):
         if others:
             fail(f'--out_dir {out_dir} holds other files ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}), '
                  'which an evaluation would replace: pass a new or empty folder')
-    tmp = out_dir.rstrip('/') + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        os.makedirs(tmp)
-    except OSError as e:
-        fail(f'--out_dir {out_dir}: cannot write there ({e.strerror}): pass a writable folder')
-    return tmp
+        return cli.prepare_out_dir(os.path.dirname(os.path.abspath(out_dir)), cli.partial_path(out_dir),
+                                   '--out_dir', 'pass a writable folder', value=out_dir)
+    except ValueError as e:
+        fail(e)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import ddp
+    import runs
+    made = []
     try:
-        model, cfg, ckpt, device, data = open_run(args, args.split)
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    args.out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{ckpt["step"]:07d}')
-    tmp = prepare_out_dir(args.out_dir) if ddp.is_main() else None
-    try:
-        run(args, model, data, ckpt, device, tmp)
+        with cli.stop_on_signals():
+            try:
+                model, cfg, ckpt, device, data = runs.open_run(args, args.split)
+            except (FileNotFoundError, ValueError) as e:
+                fail(e)
+            args.out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{ckpt["step"]:07d}')
+            if ddp.is_main():
+                made = check_out_dir(args.out_dir)
+            run(args, model, data, ckpt, device)
+    except cli.Stopped as e:
+        sys.stderr.write(f'{PROG}: stopped by {e.name}; nothing written\n')
+        sys.exit(e.exit_code)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)   # left only by a failed or interrupted run
+        cli.remove_empty_dirs(made)   # a folder made here stays only if it holds the evaluation
         ddp.cleanup()
 
 
-def encode_png(img_uint8):
-    ok, buf = cv2.imencode('.png', img_uint8[..., ::-1] if img_uint8.ndim == 3 else img_uint8)
-    return buf.tobytes()
-
-
-def run(args, model, data, ckpt, device, tmp):
+def run(args, model, data, ckpt, device):
     """Render this rank's share of the split (images rank, rank + N, ...) and, on rank 0, write
-    everything into `tmp`, then rename it to --out_dir."""
+    everything into --out_dir through `cli.atomic_output` (a .partial folder, then a rename)."""
+    import json
+
+    from tqdm import tqdm
+
+    import ddp
+    import vis
+    from loss import LPIPS
     main, step = ddp.is_main(), ckpt['step']
     lpips_fn = LPIPS(device)
     if main and not lpips_fn.available:
         print(lpips_fn.note)
     mine = []
     for i in tqdm(range(ddp.rank(), len(data), ddp.world_size()), desc=f'eval {args.split}', dynamic_ncols=True,
-                  disable=not main):
+                  disable=None if main else True):
         rgb, distance, acc = model.render_image(data.rays_of_image(i), args.chunk)
         target = data.images[i].to(rgb.device)
         row = {'index': i, 'label': int(data.labels[i]), **image_metrics(rgb, target, lpips_fn)}
-        pngs = {'color': encode_png(to_uint8(rgb)), 'acc': encode_png(to_uint8(acc)),
-                'depth': encode_png(colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc))}
+        pngs = {'color': vis.encode_png(vis.to_uint8(rgb)), 'acc': vis.encode_png(vis.to_uint8(acc)),
+                'depth': vis.encode_png(vis.colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc))}
         mine.append((row, pngs))
     gathered = ddp.gather(mine)
     if not main:
         return
     results = sorted((r for part in gathered for r in part), key=lambda r: r[0]['index'])
-    out_dir = args.out_dir
-    for row, pngs in results:
-        for kind, data_bytes in pngs.items():
-            with open(os.path.join(tmp, f'{kind}_{row["index"]:03d}.png'), 'wb') as f:
-                f.write(data_bytes)
     rows = [row for row, _ in results]
     metrics = {'step': step, 'split': args.split, 'checkpoint': ckpt['path'],
                'images': rows, 'mean': summarize(rows)}
@@ -154,14 +151,21 @@ def run(args, model, data, ckpt, device, tmp):
     labels = sorted({r['label'] for r in rows})
     if len(labels) > 1:
         metrics['per_scale'] = {str(s): summarize([r for r in rows if r['label'] == s]) for s in labels}
-    with open(os.path.join(tmp, 'metrics.json'), 'w') as f:
-        json.dump(metrics, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    try:
+        with cli.atomic_output(args.out_dir, folder=True) as tmp:
+            for row, pngs in results:
+                for kind, data_bytes in pngs.items():
+                    with open(os.path.join(tmp, f'{kind}_{row["index"]:03d}.png'), 'wb') as f:
+                        f.write(data_bytes)
+            with open(os.path.join(tmp, 'metrics.json'), 'w') as f:
+                json.dump(metrics, f, indent=1)
+    except OSError as e:
+        fail(f'--out_dir {args.out_dir}: writing the evaluation failed ({e.strerror or e}): pass a writable '
+             'folder with free space')
     print(format_table(metrics))
     m = metrics['mean']
     print(f"{args.split} at step {step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}"
-          + (f", LPIPS {m['lpips']:.4f}" if 'lpips' in m else '') + f' over {len(rows)} images; wrote {out_dir}')
+          + (f", LPIPS {m['lpips']:.4f}" if 'lpips' in m else '') + f' over {len(rows)} images; wrote {args.out_dir}')
 
 
 if __name__ == '__main__':

@@ -245,11 +245,6 @@ def integrated_pos_enc(mean, cov_diag, min_deg, max_deg):
     return torch.cat([damp * torch.sin(y), damp * torch.cos(y)], dim=-1)
 
 
-def integrated_pos_enc_full(mean, cov, min_deg, max_deg):
-    """IPE for full `[..., 3, 3]` covariances (only their diagonal matters)."""
-    return integrated_pos_enc(mean, torch.diagonal(cov, dim1=-2, dim2=-1), min_deg, max_deg)
-
-
 # ----------------------------------------------------------------------------
 # Sampling along rays.
 

@@ -12,58 +12,11 @@ this script made). The camera intrinsics,
 near/far bounds and NDC warp come from the run's dataset; the model and its
 config from the run's checkpoint.
 """
-import argparse
-import contextlib
-import math
 import os
-import signal
 import sys
-import threading
 
-import cv2
-import imageio.v2 as imageio
-import numpy as np
-import torch
-from tqdm import tqdm
-
-import config as config_lib
-import datasets
-import ddp
-import pose_utils
-import ray_utils
-from model import open_run
-
-
-# ----------------------------------------------------------------------------
-# Images.
-
-def to_uint8(img):
-    """Float image in [0, 1] (tensor or array) -> uint8 array."""
-    if torch.is_tensor(img):
-        img = img.detach().float().cpu().numpy()
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def colorize_depth(distance, near, far, acc=None):
-    """Distance `[H, W]` -> RGB uint8 `[H, W, 3]`, turbo colour map from near to far.
-
-    With the opacity `acc`, the colours are composited over white, so empty
-    space (whose expected distance means nothing) shows as background.
-    """
-    as_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-    t = np.clip((as_np(distance) - near) / max(far - near, 1e-8), 0, 1)
-    bgr = cv2.applyColorMap((t * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_TURBO)
-    rgb = bgr[..., ::-1].astype(np.float32) / 255
-    if acc is not None:
-        a = np.clip(as_np(acc), 0, 1)[..., None]
-        rgb = rgb * a + (1 - a)
-    return to_uint8(rgb)
-
-
-def normals_to_rgb(normals, acc):
-    """Composited normals `[H, W, 3]` (sum of w n) -> colours (n + 1) / 2 over white."""
-    return (normals + acc[..., None]) / 2 + (1 - acc[..., None])
-
+import cli
+import config
 
 # ----------------------------------------------------------------------------
 # Camera paths for a dataset.
@@ -75,6 +28,8 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
     Intrinsics are those of the dataset's first (full-size) image divided by
     `render_factor`.
     """
+    import pose_utils
+    import ray_utils
     h, w = data.sizes[0]
     if render_factor > min(h, w):
         raise ValueError(f'--render_factor {render_factor}: the images are {w}x{h}, so it can be at most '
@@ -115,6 +70,9 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
 
 
 def frame_rays(c2w, pix2cam, h, w, near, far, ndc):
+    import torch
+
+    import datasets
     y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
     return datasets.make_rays(pix2cam, c2w, x, y, h, w, near, far, 1., ndc)
 
@@ -124,42 +82,27 @@ def frame_rays(c2w, pix2cam, h, w, near, far, ndc):
 PROG = 'visualize.py'
 
 
-def positive_float(v):
-    """An argparse type: a finite number > 0."""
-    x = float(v)
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f'must be a positive number, got {v}')
-    return x
-
-
-def finite_float(v):
-    x = float(v)
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f'must be a finite number, got {v}')
-    return x
-
-
 def build_parser():
-    p = config_lib.run_parser('Render videos of a trained mip-NeRF along a camera path.')
+    p = config.run_parser('Render videos of a trained mip-NeRF along a camera path.')
     p.add_argument('--path', default=None, choices=['spherical', 'spiral', 'zoom'],
                    help='camera path (default: spiral for LLFF, spherical otherwise)')
-    p.add_argument('--n_frames', type=config_lib.positive_int, default=120,
+    p.add_argument('--n_frames', type=cli.positive_int, default=120,
                    help='frames in each video (the whole path; at least 1)')
-    p.add_argument('--fps', type=positive_float, default=30,
+    p.add_argument('--fps', type=cli.positive_float, default=30,
                    help='frames per second of the videos (so n_frames / fps seconds long)')
-    p.add_argument('--render_factor', type=config_lib.positive_int, default=1,
+    p.add_argument('--render_factor', type=cli.positive_int, default=1,
                    help='render at 1/N of the dataset resolution')
-    p.add_argument('--visualize_depth', type=config_lib.str2bool, nargs='?', const=True, default=False,
+    p.add_argument('--visualize_depth', type=cli.str2bool, nargs='?', const=True, default=False,
                    metavar='BOOL', help='also write depth.mp4')
-    p.add_argument('--visualize_normals', type=config_lib.str2bool, nargs='?', const=True, default=False,
+    p.add_argument('--visualize_normals', type=cli.str2bool, nargs='?', const=True, default=False,
                    metavar='BOOL', help='also write normals.mp4')
-    p.add_argument('--radius', type=positive_float, default=None,
+    p.add_argument('--radius', type=cli.positive_float, default=None,
                    help='spherical and zoom paths: orbit radius (default: mean camera distance)')
-    p.add_argument('--elevation', type=finite_float, default=30.,
+    p.add_argument('--elevation', type=cli.finite_float, default=30.,
                    help='spherical and zoom paths: orbit elevation in degrees')
-    p.add_argument('--zoom_near', type=positive_float, default=None,
+    p.add_argument('--zoom_near', type=cli.positive_float, default=None,
                    help='zoom path: nearest distance (default 0.75 x radius)')
-    p.add_argument('--zoom_far', type=positive_float, default=None,
+    p.add_argument('--zoom_far', type=cli.positive_float, default=None,
                    help='zoom path: farthest distance, more than --zoom_near (default 2 x radius)')
     p.add_argument('--out_dir', default=None, help='where the videos go (default: --log_dir)')
     p.prog = PROG    # errors name the script also when main() is called from Python
@@ -167,110 +110,28 @@ def build_parser():
 
 
 def fail(message):
-    config_lib.fail(PROG, message)
-
-
-# ----------------------------------------------------------------------------
-# Output folder and files: made early, removed again when nothing was written.
-
-def make_dirs(path):
-    """os.makedirs(path, exist_ok=True); returns the folders it made, deepest first (also when it fails)."""
-    made, d = [], os.path.abspath(path)
-    while not os.path.lexists(d):
-        made.append(d)
-        d = os.path.dirname(d)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        remove_empty_dirs(made)
-        raise
-    return made
-
-
-def remove_empty_dirs(folders):
-    """Remove those of `folders` (deepest first) that exist and are empty."""
-    for d in folders:
-        try:
-            if os.path.isdir(d):
-                os.rmdir(d)
-        except OSError:
-            return
-
-
-def remove_files(paths, prog=PROG):
-    """Remove those of `paths` that exist; say so (prefixed by `prog`) when one cannot be."""
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            sys.stderr.write(f'{prog}: could not remove {path}: {e.strerror}\n')
-
-
-def prepare_out_dir(out_dir, probe, flag, hint, value=None):
-    """Make `out_dir` and check that the file `probe` can be written there; returns the folders made.
-
-    Raises ValueError with a one-line message naming `flag` (and its `value`,
-    `out_dir` by default) and ending in `hint` when it cannot be.
-    """
-    made = []
-    try:
-        made = make_dirs(out_dir)
-        with open(probe, 'wb'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        remove_empty_dirs(made)
-        raise ValueError(f'{flag} {value or out_dir}: cannot write there ({e.strerror or e}); {hint}') from None
-    return made
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM arrived (a BaseException, like KeyboardInterrupt, so that nothing swallows it)."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Inside, SIGINT and SIGTERM raise Stopped once; further ones are ignored while cleanup runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-
-    def handler(signum, frame):
-        if not got:
-            got.append(signum)
-            raise Stopped(signum)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    cli.fail(PROG, message)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import ddp
+    import runs
     made = []
     try:
-        with stop_on_signals():
+        with cli.stop_on_signals():
             try:
-                model, cfg, ckpt, device, data = open_run(args, 'test')
+                model, cfg, ckpt, device, data = runs.open_run(args, 'test')
                 path = args.path or ('spiral' if data.ndc is not None else 'spherical')
                 poses, frames = render_cameras(cfg, data, path, args.n_frames, args.render_factor, args.radius,
                                                args.elevation, args.zoom_near, args.zoom_far)
-            except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
+            except (FileNotFoundError, ValueError) as e:
                 fail(e)
             out_dir = args.out_dir or args.log_dir
             problem = None
             if ddp.is_main():
                 try:
-                    made = prepare_out_dir(out_dir, os.path.join(out_dir, 'video.partial.mp4'),
+                    made = cli.prepare_out_dir(out_dir, os.path.join(out_dir, 'video.partial.mp4'),
                                            *(('--out_dir', 'pick a writable folder') if args.out_dir else
                                              ('--log_dir', 'pass --out_dir with a writable folder')))
                 except ValueError as e:
@@ -283,47 +144,63 @@ def main(argv=None):
                 write_videos(args, model, path, poses, frames, ckpt['step'], out_dir)
             except OSError as e:     # a full disk, or ffmpeg failing: the first line says which
                 fail(f'writing the videos into {out_dir} failed: {str(e).strip().splitlines()[0]}')
-    except Stopped as e:
-        name = signal.Signals(e.signum).name
-        sys.stderr.write(f'{PROG}: stopped by {name}; partial videos removed, nothing written\n')
-        sys.exit(128 + e.signum)          # 130 for Ctrl-C, 143 for SIGTERM, as train.py
+    except cli.Stopped as e:
+        sys.stderr.write(f'{PROG}: stopped by {e.name}; partial videos removed, nothing written\n')
+        sys.exit(e.exit_code)             # 130 for Ctrl-C, 143 for SIGTERM, as train.py
     finally:
-        remove_empty_dirs(made)           # a folder made here stays only if it holds a video
+        cli.remove_empty_dirs(made)           # a folder made here stays only if it holds a video
         ddp.cleanup()
 
 
 def render_frame(model, args, c2w, camera):
     """The uint8 frames of one camera: {'video': ..., 'depth': ..., 'normals': ...} as asked."""
+    import vis
     pix2cam, h, w, near, far, ndc = camera
     out = model.render_image(frame_rays(c2w, pix2cam, h, w, near, far, ndc), args.chunk,
                              normals=args.visualize_normals)
     rgb, distance, acc = out[:3]
-    images = {'video': to_uint8(rgb)}
+    images = {'video': vis.to_uint8(rgb)}
     if args.visualize_depth:
-        images['depth'] = colorize_depth(distance, near, far, acc)
+        images['depth'] = vis.colorize_depth(distance, near, far, acc)
     if args.visualize_normals:
-        images['normals'] = to_uint8(normals_to_rgb(out[3], acc))
+        images['normals'] = vis.to_uint8(vis.normals_to_rgb(out[3], acc))
     return images
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def human_time(seconds):
+    return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
 
 
 def write_videos(args, model, path, poses, frames, step, out_dir):
     """Stream frames into the videos; under torchrun, ranks render frames round-robin for rank 0 to write.
 
-    The videos are written as <name>.partial.mp4 and renamed when all are
-    complete; on any error or signal the partial files are removed (those
-    that exist: ffmpeg creates a file only at the first frame).
+    Each video goes through `cli.atomic_output` (<name>.partial.mp4, renamed
+    when all are complete); on any error or signal the partial files are
+    removed (those that exist: ffmpeg creates a file only at the first frame).
     """
+    import contextlib
+    import time
+
+    import imageio.v2 as imageio
+    from tqdm import tqdm
+
+    import ddp
     rank, world, main = ddp.rank(), ddp.world_size(), ddp.is_main()
     names = ['video'] + ['depth'] * args.visualize_depth + ['normals'] * args.visualize_normals
-    tmp = {n: os.path.join(out_dir, f'{n}.partial.mp4') for n in names}
-    writers = {}
-    try:
+    with contextlib.ExitStack() as outputs:
+        writers = {}
         if main:
             for n in names:
-                writers[n] = imageio.get_writer(tmp[n], fps=args.fps, codec='libx264', quality=8,
-                                                macro_block_size=2)
+                tmp = outputs.enter_context(cli.atomic_output(os.path.join(out_dir, f'{n}.mp4')))
+                writers[n] = outputs.enter_context(contextlib.closing(
+                    imageio.get_writer(tmp, fps=args.fps, codec='libx264', quality=8, macro_block_size=2)))
         # The bar as a context: an error or signal ends its line before the message that follows.
-        with tqdm(total=len(poses), desc=f'{path} path', dynamic_ncols=True, disable=not main) as bar:
+        with tqdm(total=len(poses), desc=f'{path} path', dynamic_ncols=True, disable=None if main else True) as bar:
+            t0 = time.time()
             for first in range(0, len(poses), world):
                 k = first + rank
                 images = render_frame(model, args, poses[k], frames[k]) if k < len(poses) else None
@@ -331,23 +208,15 @@ def write_videos(args, model, path, poses, frames, step, out_dir):
                     for n in names if part is not None else []:
                         writers[n].append_data(part[n])
                 bar.update(min(world, len(poses) - first))
-        while writers:                                  # each closed writer leaves the dict
-            writers.pop(next(iter(writers))).close()
-    except BaseException:
-        for w in writers.values():
-            try:
-                w.close()
-            except Exception:
-                pass
-        if main:
-            remove_files(tmp.values())
-        raise
-    if not main:
-        return
-    for n in names:
-        os.replace(tmp[n], os.path.join(out_dir, f'{n}.mp4'))
-    print(f'wrote {", ".join(n + ".mp4" for n in names)} to {out_dir} '
-          f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {step})')
+                if first == 0 and main:   # the time up front, from the first frame
+                    each = time.time() - t0
+                    bar.write(f'{len(poses)} frames of {frames[0][2]}x{frames[0][1]} on {model_device(model)}: '
+                              f'about {human_time(each * len(poses) / world)} ({each:.1f} s a frame'
+                              + (f' per process, {world} processes' if world > 1 else '')
+                              + '); --n_frames and --render_factor make it shorter')
+    if main:
+        print(f'wrote {", ".join(n + ".mp4" for n in names)} to {out_dir} '
+              f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {step})')
 
 
 if __name__ == '__main__':

@@ -1,11 +1,11 @@
 """Speed benchmark: training throughput, rendering and mesh-grid time, peak memory.
 
     python scripts/benchmark.py                                    # GPU, default network, synthetic 800x800 data
-    python scripts/benchmark.py --base_dir data/nerf_synthetic/lego --variants fp32,tf32,bf16,bf16+compile,bf16+triton
+    python scripts/benchmark.py --base_dir data/nerf_synthetic/lego --variants fp32,tf32,bf16,bf16+compile
     python scripts/benchmark.py --quick --device cpu               # small sizes: a smoke test for CI
 
 For each variant (a precision, then optionally +compile for torch.compile of
-the PyTorch MLP or +triton for the fused Triton MLP) it times whole training
+the MLP) it times whole training
 steps (ray sampling on the device, both levels, loss, backward, Adam, the
 schedule), then the parts of a step on their own (sampling + Gaussians, IPE,
 MLP forward and backward, compositing), renders one full frame and one
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config as config_lib  # noqa: E402
+import cli
+import config as config_lib
 
 # The modules that run the benchmark are imported where they are used, after
 # the flags are checked: a bad flag fails in seconds, not after importing them.
@@ -60,39 +61,34 @@ def synthetic_scene(n, size, focal_frac=1.389):
     return datasets.SceneData(images, pix2cam, c2w, 2., 6.)
 
 
-def make_cfg(args, precision, kernels):
+def make_cfg(args, precision, compile):
     argv = ['--dataset_name', 'blender', '--base_dir', args.base_dir or '.', '--batch_size', str(args.batch_size),
             '--num_samples', str(args.num_samples), '--net_width', str(args.net_width), '--precision', precision,
-            '--kernels', kernels, '--max_steps', '1000000']
+            '--compile', str(compile).lower(), '--max_steps', '1000000']
     return config_lib.get_config(argv, need_data=False)
 
 
 def bench_variant(name, args, data, device):
     import datasets
     import ddp
-    import extract_mesh
-    import fused_mlp
+    import meshing
     import ray_utils
-    import train
-    from model import MipNeRF
+    import runs
+    import train_utils
     from scheduler import Schedule
     precision, *extras = name.split('+')
-    cfg = make_cfg(args, precision, 'triton' if 'triton' in extras else 'torch')
+    cfg = make_cfg(args, precision, 'compile' in extras)
     torch.manual_seed(0)
-    model = MipNeRF.from_config(cfg).to(device)
-    if cfg.kernels == 'triton' and model.fused_reason(device):
-        fail(f'--variants: {name}: {model.fused_reason(device)}; drop +triton from it')
-    if 'compile' in extras:
-        model.mlp.compile()
+    model = runs.build_model(cfg).to(device)
     net = model
     if ddp.launched():   # the DDP path, as train.py takes it under torchrun
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    opt = model.watch_optimizer(torch.optim.Adam(model.parameters(), lr=cfg.lr_init))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0, batching=cfg.batching)
 
     def step():
-        train.train_step(net, opt, schedule, sampler, cfg, 0)
+        train_utils.train_step(net, opt, schedule, sampler, cfg, 0)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -114,9 +110,7 @@ def bench_variant(name, args, data, device):
     view = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True)
 
     def mlp_fwd_bwd():
-        if model.use_fused(x):
-            rgb, dens = fused_mlp.fused_forward(model.mlp, model.packed_weights(), x, view)
-        elif model.bf16:
+        if model.bf16:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 rgb, dens = model.mlp(x, view)
         else:
@@ -131,9 +125,9 @@ def bench_variant(name, args, data, device):
     # One full frame, and one density grid.
     frame = data.rays_of_image(0)
     render_s = timed(lambda: model.render_image(frame, args.chunk), device, 1, 1)
-    density_fn, _ = extract_mesh.model_fns(model.eval(), 3. / (args.grid_size - 1))
+    density_fn, _ = meshing.model_fns(model.eval(), 3. / (args.grid_size - 1))
     lo, hi = np.full(3, -1.5), np.full(3, 1.5)
-    grid_s = timed(lambda: extract_mesh.density_grid(density_fn, lo, hi, args.grid_size, 1 << 20, device,
+    grid_s = timed(lambda: meshing.density_grid(density_fn, lo, hi, args.grid_size, 1 << 20, device,
                                                      progress=False), device, 1, 1)
     return dict(name=name, rays_s=cfg.batch_size / step_s, ms=step_s * 1e3, render_s=render_s, grid_s=grid_s,
                 peak_gb=peak, parts={k: v * 1e3 for k, v in parts.items()}, frame=tuple(frame.origins.shape[:2]))
@@ -151,24 +145,24 @@ SIZES = {
     'warmup': (5, 1, 'untimed training steps before timing, 0 or more'),
 }
 PRECISIONS = ('fp32', 'tf32', 'bf16')
-EXTRAS = ('compile', 'triton')
+EXTRAS = ('compile',)
 
 
 def fail(message):
-    config_lib.fail('benchmark.py', message)
+    cli.fail('benchmark.py', message)
 
 
 def build_parser():
-    ap = config_lib._Parser(prog='benchmark.py', description=__doc__.split('\n')[0],
-                            epilog='Size flags given explicitly win over --quick, which only changes the defaults.')
+    ap = cli.Parser(prog='benchmark.py', description=__doc__.split('\n')[0],
+                    epilog='Size flags given explicitly win over --quick, which only changes the defaults.')
     ap.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
     ap.add_argument('--base_dir', default=None, help='a Blender scene folder to train on (default: synthetic images)')
     ap.add_argument('--variants', default='fp32,tf32,bf16',
                     help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile '
-                         '(torch.compile) or +triton (fused MLP, bf16 on CUDA)')
+                         '(torch.compile)')
     for name, (full, quick, text) in SIZES.items():
         # default None: filled in by parse_args() from --quick, so that explicit flags win over it.
-        ap.add_argument(f'--{name}', type=int if name == 'warmup' else config_lib.positive_int, default=None,
+        ap.add_argument(f'--{name}', type=int if name == 'warmup' else cli.positive_int, default=None,
                         metavar='N',
                         help=f'{text} (default: {full}; {quick} with --quick)' if full != quick
                         else f'{text} (default: {full})')
@@ -186,7 +180,7 @@ def check_variants(spec):
             fail(f'--variants {spec}: {name!r} must start with a precision, one of {", ".join(PRECISIONS)}')
         unknown = [e for e in extras if e not in EXTRAS]
         if unknown:
-            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile or +triton)')
+            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile)')
     return names
 
 
@@ -207,9 +201,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     variants = args.variants.split(',')
+    import runs
     try:
-        config_lib.validate_device(args.device)
-        device = config_lib.resolve_device(args.device)
+        device = runs.resolve_device(args.device)
     except (config_lib.ConfigError, RuntimeError) as e:
         fail(e if isinstance(e, config_lib.ConfigError) else f'--device {args.device}: {e}')
     if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
@@ -220,12 +214,6 @@ def main(argv=None):
              'or omit it for synthetic images')
     import datasets
     import ddp
-    from model import MipNeRF
-    for name in variants:   # before any timing: a variant the fused kernels can't run
-        if 'triton' in name.split('+')[1:]:
-            reason = MipNeRF.from_config(make_cfg(args, name.split('+')[0], 'triton')).fused_reason(device)
-            if reason:
-                fail(f'--variants: {name}: {reason}; drop +triton from it')
     device = ddp.setup(device)
     if args.base_dir:
         try:

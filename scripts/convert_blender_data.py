@@ -16,11 +16,13 @@ Unlike the official script, 8-bit values are rounded, not truncated.
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli
 
 SPLITS = ('train', 'val', 'test')
 
@@ -53,7 +55,9 @@ def convert_split(basedir, newdir, split, n_down):
         for level in range(n_down):
             name = f'{imgdir}/{i:03d}_d{level}.png'
             rgba8 = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-            cv2.imwrite(os.path.join(newdir, name), rgba8[..., [2, 1, 0, 3]])
+            if not cv2.imwrite(os.path.join(newdir, name), rgba8[..., [2, 1, 0, 3]]):
+                raise SystemExit(f'convert_blender_data.py: error: cannot write {os.path.join(newdir, name)}: '
+                                 'free some space or pick a writable --outdir')
             h, w = img.shape[:2]
             f = focal / 2 ** level
             out['file_path'].append(name)
@@ -66,7 +70,8 @@ def convert_split(basedir, newdir, split, n_down):
             out['near'].append(2.)
             out['far'].append(6.)
             out['label'].append(level)
-            img = down2(img)
+            if level + 1 < n_down:
+                img = down2(img)
     return out
 
 
@@ -80,17 +85,14 @@ def convert_scene(basedir, newdir, n_down=4, verbose=True):
     if not splits:
         raise SystemExit(f'convert_blender_data.py: error: {basedir} has no transforms_*.json: '
                          'is it a nerf_synthetic scene?')
-    tmp = newdir.rstrip('/') + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     bigmeta = {}
-    for split in splits:
-        if verbose:
-            print(f'{basedir}: {split}')
-        bigmeta[split] = convert_split(basedir, tmp, split, n_down)
-    with open(os.path.join(tmp, 'metadata.json'), 'w') as f:
-        json.dump(bigmeta, f)
-    os.replace(tmp, newdir)
+    with cli.atomic_output(newdir, folder=True) as tmp:   # <newdir>.partial/, renamed when complete
+        for split in splits:
+            if verbose:
+                print(f'{basedir}: {split}')
+            bigmeta[split] = convert_split(basedir, tmp, split, n_down)
+        with open(os.path.join(tmp, 'metadata.json'), 'w') as f:
+            json.dump(bigmeta, f)
     if verbose:
         print(f'wrote {newdir} ({", ".join(splits)}; {n_down} scales)')
     return splits

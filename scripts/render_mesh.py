@@ -15,7 +15,8 @@ import numpy as np
 import trimesh
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import pose_utils  # noqa: E402
+import cli
+import pose_utils
 
 
 def render(mesh, size=512, azimuth=30., elevation=30., distance=None, fov_deg=40., samples_per_pixel=6, seed=0):
@@ -62,7 +63,12 @@ def main():
     import cv2
     mesh = trimesh.load(args.mesh, force='mesh')
     img = render(mesh, args.size, args.azimuth, args.elevation)
-    cv2.imwrite(args.out, img[..., ::-1])
+    ok, png = cv2.imencode(os.path.splitext(args.out)[1] or '.png', img[..., ::-1])
+    try:
+        with cli.atomic_output(args.out) as tmp, open(tmp, 'wb') as f:
+            f.write(png.tobytes())
+    except OSError as e:
+        cli.fail('render_mesh.py', f'{args.out}: cannot write it ({e.strerror or e})')
     print(f'wrote {args.out}')
 
 

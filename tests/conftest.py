@@ -12,8 +12,12 @@ SHARED = os.environ.get('MIPNERF_SHARED_DATA', os.path.join(REPO, '..', 'shared'
 LEGO = os.path.join(SHARED, 'nerf_synthetic', 'lego')
 FERN = os.path.join(SHARED, 'nerf_llff_data', 'fern')
 
-needs_lego = pytest.mark.skipif(not os.path.isdir(LEGO), reason=f'real lego scene not found at {LEGO}')
-needs_fern = pytest.mark.skipif(not os.path.isdir(FERN), reason=f'real fern scene not found at {FERN}')
+needs_lego = pytest.mark.skipif(not os.path.isdir(LEGO), reason=(
+    f'real lego scene not found at {os.path.normpath(LEGO)}: set MIPNERF_SHARED_DATA to a folder holding '
+    f'nerf_synthetic/lego (default ../shared/data; scripts/download_blender.sh fills data/)'))
+needs_fern = pytest.mark.skipif(not os.path.isdir(FERN), reason=(
+    f'real fern scene not found at {os.path.normpath(FERN)}: set MIPNERF_SHARED_DATA to a folder holding '
+    f'nerf_llff_data/fern (default ../shared/data; scripts/download_llff.sh fills data/)'))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA is not available')
 
 DEVICES = ['cpu', pytest.param('cuda', marks=needs_cuda)]
@@ -27,7 +31,7 @@ def device(request):
 @pytest.fixture(scope='session')
 def tiny_demo(tmp_path_factory):
     """A 32x32 demo scene with few views, generated once per test session."""
-    from scripts.make_demo import make_demo_scene
+    from scenes import make_demo_scene
     path = str(tmp_path_factory.mktemp('scenes') / 'demo')
     make_demo_scene(path, size=32, supersample=2, views={'train': 20, 'val': 2, 'test': 3}, verbose=False)
     return path
@@ -59,7 +63,8 @@ def make_blender_subset(src, dst, counts):
 def lego_subset(tmp_path_factory):
     """The real lego with 3 training and 2 test views (no val split)."""
     if not os.path.isdir(LEGO):
-        pytest.skip(f'real lego scene not found at {LEGO}')
+        pytest.skip(f'real lego scene not found at {os.path.normpath(LEGO)}: set MIPNERF_SHARED_DATA to a folder '
+                    f'holding nerf_synthetic/lego (default ../shared/data; scripts/download_blender.sh fills data/)')
     return make_blender_subset(LEGO, str(tmp_path_factory.mktemp('lego') / 'lego'), {'train': 3, 'test': 2})
 
 
@@ -76,7 +81,7 @@ def lego_multicam(lego_subset, tmp_path_factory):
 def demo_run(tmp_path_factory):
     """The demo config trained for 250 steps of 512 rays on a 64x64 demo scene (about 40 s on 2 CPU cores)."""
     import train
-    from scripts.make_demo import make_demo_scene
+    from scenes import make_demo_scene
     root = tmp_path_factory.mktemp('demo_run')
     scene, run = str(root / 'scene'), str(root / 'run')
     make_demo_scene(scene, size=64, supersample=2, views={'train': 50, 'val': 1, 'test': 4}, verbose=False)

@@ -10,9 +10,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ddp  # noqa: E402
-from model import MipNeRF, ModelArgs  # noqa: E402
-from ray_utils import Rays  # noqa: E402
+import ddp
+from config import ModelArgs
+from model import MipNeRF
+from ray_utils import Rays
 
 
 def global_batch(n):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import config
+import datasets
 from conftest import REPO
 
 
@@ -53,7 +54,7 @@ def test_every_shipped_config_parses():
     assert {os.path.basename(f) for f in files} >= {'blender.txt', 'llff.txt', 'multicam.txt', 'demo.txt'}
     for f in files:
         cfg = config.get_config(['--config', os.path.basename(f)], need_data=False)
-        assert cfg.dataset_name in config.DATASETS
+        assert cfg.dataset_name in datasets.DATASETS
 
 
 def test_saved_config_reads_back(tmp_path):
@@ -90,3 +91,18 @@ def test_bad_flag_in_a_real_process_writes_nothing(tmp_path):
     assert res.returncode == 2 and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr
     assert 'train.py: error: --near (5.0) must be less than --far (3.0)' in res.stderr
     assert not (tmp_path / 'run').exists() and not (tmp_path / 'data').exists()
+
+
+def test_shipped_configs_hold_only_what_differs_from_the_defaults():
+    """Each default lives in one place: a config file line that repeats the default is a second copy."""
+    for f in sorted(glob.glob(os.path.join(REPO, 'configs', '*.txt'))):
+        lines = [ln.split('=', 1) for ln in open(f).read().splitlines() if ln.strip() and not ln.startswith('#')]
+        keys = {k.strip() for k, _ in lines}
+        cfg = config.get_config(['--config', f], need_data=False)
+        default = config.get_config(['--dataset_name', cfg.dataset_name], need_data=False)
+        same = sorted(k for k in keys - {'dataset_name'} if getattr(cfg, k) == getattr(default, k))
+        assert not same, f'{os.path.basename(f)} repeats the defaults of {same}'
+
+
+def test_help_lists_the_datasets_of_datasets_py():
+    assert set(config.DATASET_NAMES) == set(datasets.DATASETS)

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import REPO, TINY_NET
-from model import list_checkpoints
+from runs import list_checkpoints
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 

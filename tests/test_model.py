@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from model import MipNeRF, ModelArgs
+from config import ModelArgs
+from model import MipNeRF
 from conftest import needs_cuda
 from ray_utils import Rays
 
@@ -17,7 +18,7 @@ def make_rays(shape, device='cpu', seed=0):
 
 
 def test_architecture_matches_official_release():
-    m = MipNeRF()
+    m = MipNeRF(ModelArgs())
     ipe, view = 2 * 3 * 16, 3 + 2 * 3 * 4
     assert [l.in_features for l in m.mlp.trunk] == [ipe, 256, 256, 256, 256, 256 + ipe, 256, 256]
     assert all(l.out_features == 256 for l in m.mlp.trunk)
@@ -32,7 +33,7 @@ def test_architecture_matches_official_release():
 
 def test_glorot_uniform_init_and_zero_bias():
     torch.manual_seed(0)
-    m = MipNeRF()
+    m = MipNeRF(ModelArgs())
     for layer in [*m.mlp.trunk, m.mlp.density, m.mlp.rgb]:
         bound = math.sqrt(6 / (layer.in_features + layer.out_features))
         assert layer.weight.abs().max() <= bound
@@ -99,13 +100,34 @@ def test_forward_any_batch_shape_and_levels():
         assert rgb.shape == (2, 3, 3) and dist.shape == (2, 3) and acc.shape == (2, 3)
 
 
-def test_gradients_reach_every_parameter_and_not_the_resampling():
-    torch.manual_seed(0)
-    m = MipNeRF(ModelArgs(num_samples=16))
-    out = m(make_rays((32,)))
-    out[-1][0].sum().backward()     # the fine level only
-    for name, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+def test_gradients_reach_every_parameter_and_not_the_resampling(monkeypatch):
+    """The fine level's loss reaches every parameter, but not through the resampling: the fine
+    endpoints carry no graph and the gradient of the fine colour w.r.t. the coarse weights that
+    placed them is None. With stop_level_grad=False the same probe finds a non-zero gradient."""
+    import ray_utils
+    real, seen = ray_utils.resample_along_rays, {}
+
+    def spy(origins, directions, radii, t_vals, weights, *args, **kwargs):
+        out = real(origins, directions, radii, t_vals, weights, *args, **kwargs)
+        seen['weights'], seen['t_vals'] = weights, out[0]
+        return out
+    monkeypatch.setattr(ray_utils, 'resample_along_rays', spy)
+    for stop in (True, False):
+        torch.manual_seed(0)
+        seen.clear()
+        m = MipNeRF(ModelArgs(num_samples=16, stop_level_grad=stop))
+        out = m(make_rays((32,)))
+        assert 'weights' in seen, 'the fine level was not placed by ray_utils.resample_along_rays'
+        assert seen['weights'].requires_grad          # the coarse weights depend on the parameters
+        fine = out[-1][0].sum()                        # the fine level only
+        g_w, = torch.autograd.grad(fine, seen['weights'], retain_graph=True, allow_unused=True)
+        if stop:
+            assert not seen['t_vals'].requires_grad and g_w is None
+            fine.backward()
+            for name, p in m.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+        else:
+            assert seen['t_vals'].requires_grad and g_w is not None and g_w.abs().max() > 0
 
 
 def test_render_image_is_chunk_invariant_and_restores_mode():

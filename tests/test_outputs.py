@@ -11,6 +11,7 @@ import trimesh
 
 import eval as eval_script
 import extract_mesh
+import meshing
 import visualize
 from loss import mse_to_psnr, ssim
 
@@ -154,7 +155,8 @@ def test_video_has_the_expected_frames(demo_run, tmp_path):
 
 def test_normals_of_a_rendered_ball_point_outwards():
     """Composited normals equal the analytic ones for a ball of density."""
-    from model import MipNeRF, ModelArgs
+    from config import ModelArgs
+    from model import MipNeRF
     from ray_utils import Rays
     model = MipNeRF(ModelArgs(num_samples=256), randomized=False).eval()
     centre, radius = torch.tensor([0., 0., 0.]), 0.8
@@ -178,17 +180,17 @@ def test_normals_of_a_rendered_ball_point_outwards():
 
 def test_mesh_of_an_analytic_ball():
     lo, hi, n, radius = np.full(3, -1.), np.full(3, 1.), 64, 0.7
-    grid = extract_mesh.density_grid(lambda p: 100 * (radius - p.norm(dim=-1)), lo, hi, n, progress=False)
-    vertices, faces = extract_mesh.grid_to_mesh(grid, lo, hi, 0.)
+    grid = meshing.density_grid(lambda p: 100 * (radius - p.norm(dim=-1)), lo, hi, n, progress=False)
+    vertices, faces = meshing.grid_to_mesh(grid, lo, hi, 0.)
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     voxel = 2 / (n - 1)
     assert np.abs(np.linalg.norm(vertices, axis=1) - radius).max() < voxel
     assert mesh.is_watertight and mesh.volume == pytest.approx(4 / 3 * math.pi * radius ** 3, rel=0.01)
     # Off-centre box: vertices map to world coordinates, not grid indices or densities.
     lo2, hi2 = np.array([0., -1., -2.]), np.array([2., 1., 0.])
-    grid = extract_mesh.density_grid(lambda p: 100 * (0.5 - (p - torch.tensor([1., 0., -1.])).norm(dim=-1)),
+    grid = meshing.density_grid(lambda p: 100 * (0.5 - (p - torch.tensor([1., 0., -1.])).norm(dim=-1)),
                                      lo2, hi2, n, progress=False)
-    vertices, _ = extract_mesh.grid_to_mesh(grid, lo2, hi2, 0.)
+    vertices, _ = meshing.grid_to_mesh(grid, lo2, hi2, 0.)
     assert np.abs(np.linalg.norm(vertices - [1, 0, -1], axis=1) - 0.5).max() < voxel
 
 
@@ -197,7 +199,7 @@ def test_small_pieces_are_removed():
     small = trimesh.creation.icosphere(subdivisions=0, radius=0.1)   # 20 faces: 1.6% of 1280
     small.apply_translation([3, 0, 0])
     both = trimesh.util.concatenate([big, small])
-    cleaned = extract_mesh.remove_small_components(both, 0.05)
+    cleaned = meshing.remove_small_components(both, 0.05)
     assert len(cleaned.faces) == len(big.faces)
 
 
@@ -210,7 +212,7 @@ def test_mesh_of_the_trained_demo_is_close_to_the_true_surface(demo_run, tmp_pat
     set (the inside has reached about 10 by then). Only the region above the pedestal's bottom
     (z > -0.6) counts: no camera sees below it, so the density there is unconstrained.
     """
-    from scripts.make_demo import surface_points
+    from scenes import surface_points
     out = tmp_path / 'demo.ply'
     extract_mesh.main(['--log_dir', demo_run, '--grid_size', '64', '--threshold', '3', '--colors',
                        '--out', str(out), '--device', 'cpu'])
@@ -237,11 +239,9 @@ def test_mesh_refuses_a_threshold_without_surface(demo_run, tmp_path):
 
 def test_scripts_render_at_the_runs_precision_unless_told(demo_run):
     import config as config_lib
-    from model import open_run
+    from runs import open_run
     parser = config_lib.run_parser('test', data=False)
     model, cfg, *_ = open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu']))
-    assert cfg.precision == 'fp32' and not model.bf16 and model.kernels == 'torch'
+    assert cfg.precision == 'fp32' and not model.bf16
     model, *_ = open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu', '--precision', 'bf16']))
     assert model.bf16
-    with pytest.raises(ValueError, match='--kernels triton: '):
-        open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu', '--kernels', 'triton']))

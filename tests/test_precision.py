@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
+from config import ModelArgs
 from conftest import REPO, needs_cuda
-from model import MipNeRF, ModelArgs
+from model import MipNeRF
+from runs import set_precision
 from test_model import make_rays
 
 SMALL = dict(num_samples=16, net_width=64, net_depth=4, skip_layer=2, net_width_condition=32)
@@ -24,26 +26,26 @@ def pair(**kw):
 def test_bf16_runs_only_the_mlp_in_bfloat16(device):
     ref, fast = pair()
     ref, fast = ref.to(device), fast.to(device)
-    fast.set_precision('bf16')
+    set_precision(fast, 'bf16')
     rays = make_rays((256,), device)
     with torch.no_grad():
         out_ref, out = ref(rays), fast(rays)
-    for (r0, d0, a0), (r1, d1, a1) in zip(out_ref, out):
+    for (r0, _, a0), (r1, d1, a1) in zip(out_ref, out):
         assert r1.dtype == d1.dtype == a1.dtype == torch.float32
         rel = (r1 - r0).norm() / r0.norm()
         assert rel < 1e-2, rel          # bf16 operands: 1e-3 .. 1e-2
         assert (a1 - a0).abs().max() < 0.05
-    ref.set_precision('fp32')
+    set_precision(ref, 'fp32')
 
 
 def test_precision_flags():
     m = MipNeRF(ModelArgs(**SMALL))
-    m.set_precision('tf32')
+    set_precision(m, 'tf32')
     assert torch.backends.cuda.matmul.allow_tf32 and not m.bf16
-    m.set_precision('fp32')
+    set_precision(m, 'fp32')
     assert not torch.backends.cuda.matmul.allow_tf32
     with pytest.raises(ValueError):
-        m.set_precision('fp8')
+        set_precision(m, 'fp8')
 
 
 def test_compiled_mlp_equals_plain_forward_and_backward():
@@ -57,7 +59,7 @@ def test_compiled_mlp_equals_plain_forward_and_backward():
     outs = [m.mlp(x, view) for m in (ref, fast)]
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    for m, (rgb, dens) in zip((ref, fast), outs):
+    for rgb, dens in outs:
         (rgb.square().sum() + dens.sum()).backward()
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
@@ -69,7 +71,7 @@ def test_compiled_mlp_equals_plain_forward_and_backward():
 def test_bf16_training_step_on_cuda_matches_fp32_closely():
     ref, fast = pair()
     ref, fast = ref.cuda().train(), fast.cuda().train()
-    fast.set_precision('bf16')
+    set_precision(fast, 'bf16')
     rays = make_rays((512,), 'cuda')
     torch.manual_seed(3)
     g_ref = torch.autograd.grad(ref(rays)[-1][0].sum(), list(ref.parameters()))

@@ -9,9 +9,17 @@ import pytest
 import torch
 
 import ray_utils
-from ray_utils import (cast_rays, conical_frustum_to_gaussian, cylinder_to_gaussian,
-                       integrated_pos_enc, pos_enc, resample_along_rays, sample_along_rays,
-                       sorted_piecewise_constant_pdf, volumetric_rendering)
+from ray_utils import (
+    cast_rays,
+    conical_frustum_to_gaussian,
+    cylinder_to_gaussian,
+    integrated_pos_enc,
+    pos_enc,
+    resample_along_rays,
+    sample_along_rays,
+    sorted_piecewise_constant_pdf,
+    volumetric_rendering,
+)
 
 N_MC = 400_000
 f64 = torch.float64
@@ -122,9 +130,9 @@ def test_ipe_with_zero_variance_is_pe_and_layout_is_sin_then_cos():
     pe = pos_enc(x, 2, 5, append_identity=False)
     torch.testing.assert_close(ipe, pe)
     # Feature (degree l, coordinate c) sits at l * 3 + c in the sin block.
-    l, c = 1, 2
-    torch.testing.assert_close(ipe[:, l * 3 + c], torch.sin(2 ** (2 + l) * x[:, c]))
-    torch.testing.assert_close(ipe[:, 9 + l * 3 + c], torch.cos(2 ** (2 + l) * x[:, c]))
+    deg, c = 1, 2
+    torch.testing.assert_close(ipe[:, deg * 3 + c], torch.sin(2 ** (2 + deg) * x[:, c]))
+    torch.testing.assert_close(ipe[:, 9 + deg * 3 + c], torch.cos(2 ** (2 + deg) * x[:, c]))
     pe_id = pos_enc(x, 0, 4, append_identity=True)
     assert pe_id.shape == (7, 3 + 2 * 3 * 4)
     torch.testing.assert_close(pe_id[:, :3], x)

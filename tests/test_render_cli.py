@@ -10,6 +10,7 @@ import pytest
 import trimesh
 
 import extract_mesh
+import meshing
 import train
 import visualize
 from conftest import REPO, TINY_NET
@@ -85,7 +86,6 @@ def test_output_folder_that_is_a_file(run, tmp_path, refuse):
     (['--path', 'zoom', '--zoom_near', '100'], '--zoom_far ('),
     (['--n_frames', '0'], 'argument --n_frames: must be positive'),
     (['--fps', '0'], 'argument --fps: must be a positive number'),
-    (['--kernels', 'triton'], '--kernels torch'),
 ])
 def test_visualize_refuses_bad_flags(run, tmp_path, flags, needle, refuse):
     out = tmp_path / 'new' / 'videos'
@@ -98,7 +98,6 @@ def test_visualize_refuses_bad_flags(run, tmp_path, flags, needle, refuse):
     (['--min_component', '2'], '--min_component must be between 0 and 1'),
     (['--min_component', '-0.5'], '--min_component must be between 0 and 1'),
     (['--bbox', '0', '0', '0', '1', '0', '1'], '--bbox 0 0 0 1 0 1'),
-    (['--kernels', 'triton'], '--kernels torch'),
 ])
 def test_extract_mesh_refuses_bad_flags(run, tmp_path, flags, needle, refuse):
     refuse(extract_mesh, ['--log_dir', run, '--device', 'cpu', '--out', str(tmp_path / 'new' / 'm.ply'), *flags],
@@ -120,13 +119,13 @@ def ball_grid(density_fn, lo, hi, n, *args, **kwargs):
 
 
 def test_empty_meshes_are_refused(run, tmp_path, monkeypatch, refuse):
-    monkeypatch.setattr(extract_mesh, 'density_grid', ball_grid)
+    monkeypatch.setattr(meshing, 'density_grid', ball_grid)
     args = ['--log_dir', run, '--device', 'cpu', '--grid_size', '16', '--out', str(tmp_path / 'new' / 'm.ply')]
     refuse(extract_mesh, args + ['--threshold', '1e6'], 'no surface', tmp_path / 'new')
     args += ['--threshold', '5']
-    monkeypatch.setattr(extract_mesh, 'remove_small_components', lambda mesh, fraction: trimesh.Trimesh())
+    monkeypatch.setattr(meshing, 'remove_small_components', lambda mesh, fraction: trimesh.Trimesh())
     refuse(extract_mesh, args, 'lower --min_component', tmp_path / 'new')
-    monkeypatch.setattr(extract_mesh, 'grid_to_mesh', lambda *a: (np.zeros((0, 3)), np.zeros((0, 3), np.int64)))
+    monkeypatch.setattr(meshing, 'grid_to_mesh', lambda *a: (np.zeros((0, 3)), np.zeros((0, 3), np.int64)))
     refuse(extract_mesh, args, 'the mesh is empty', tmp_path / 'new')
 
 
@@ -134,7 +133,7 @@ def test_extract_mesh_sigterm_leaves_nothing(run, tmp_path, monkeypatch, capsys)
     def stopped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return ball_grid(*args)
-    monkeypatch.setattr(extract_mesh, 'density_grid', stopped)
+    monkeypatch.setattr(meshing, 'density_grid', stopped)
     with pytest.raises(SystemExit) as e:
         extract_mesh.main(['--log_dir', run, '--device', 'cpu', '--out', str(tmp_path / 'new' / 'm.ply')])
     err = capsys.readouterr().err

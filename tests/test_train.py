@@ -10,7 +10,7 @@ import torch
 
 import train
 from conftest import REPO, TINY_NET, needs_cuda
-from model import load_checkpoint
+from runs import load_checkpoint
 from scheduler import learning_rate
 
 
@@ -98,7 +98,8 @@ def test_level_by_level_backward_equals_one_backward(tiny_demo, device):
     and loss as one backward of the total (bit for bit on CPU), with half the activations held."""
     import config as config_lib
     import datasets
-    from model import MipNeRF
+    import runs
+    import train_utils
     from scheduler import Schedule
     cfg = config_lib.get_config(train_args(tiny_demo, 'unused', '--device', device, '--randomized', 'false'))
     data = datasets.dataset_from_config(cfg, 'train')
@@ -106,11 +107,11 @@ def test_level_by_level_backward_equals_one_backward(tiny_demo, device):
     grads, losses = [], []
     for per_level in (True, False):
         torch.manual_seed(0)
-        model = MipNeRF.from_config(cfg).to(device)
+        model = runs.build_model(cfg).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.)
         sampler = datasets.RaySampler(data, 256, torch.device(device), seed=0)
         if per_level:
-            loss, psnrs, _, finite = train.train_step(model, opt, Schedule(cfg), sampler, cfg, 0)
+            loss, psnrs, _, finite = train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, 0)
             assert finite
         else:   # the reference: one backward of the total loss
             rays, target = sampler.sample()
@@ -129,13 +130,14 @@ def test_update_k_uses_the_rate_of_step_k(tiny_demo):
     """As the official loop, which counts steps from 1: the first update uses lr(1), the last lr_final."""
     import config as config_lib
     import datasets
-    from model import MipNeRF
+    import runs
+    import train_utils
     from scheduler import Schedule
     cfg = config_lib.get_config(train_args(tiny_demo, 'unused', '--max_steps', '40'))
     data = datasets.dataset_from_config(cfg, 'train')
-    model = MipNeRF.from_config(cfg)
+    model = runs.build_model(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.)
     sampler = datasets.RaySampler(data, 16, 'cpu', seed=0)
     for done, expected in ((0, learning_rate(1, 5e-3, 5e-4, 40, 10, 0.01)), (39, 5e-4)):
-        assert train.train_step(model, opt, Schedule(cfg), sampler, cfg, done)[3]
+        assert train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, done)[3]
         assert opt.param_groups[0]['lr'] == pytest.approx(expected)

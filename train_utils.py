@@ -1,0 +1,338 @@
+"""The pieces of train.py's loop, each a function of one `TrainState`.
+
+    state = setup(cfg)                    # data, model, optimizer, sampler, resume
+    loss, psnrs, grad_norm, finite = train_step(state.net, state.optimizer, state.schedule,
+                                                state.sampler, cfg, state.step)
+    log_scalars(state, ...); preview(state); evaluate(state, views); save(state); recover(state)
+
+Under torchrun every rank runs the loop: each draws its own rays (seed +
+rank), DistributedDataParallel averages the gradients, and rank 0 alone
+logs, evaluates and writes checkpoints (`state.main`). Functions raise
+`config.ConfigError` (or `datasets.DataError`) with a one-line message for
+train.py to print.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import cli
+import config
+import datasets
+import ddp
+import runs
+import scenes
+import vis
+from loss import level_weights, mipnerf_loss, mse_to_psnr, total_loss, weighted_mse
+from model import MipNeRF
+from scheduler import Schedule
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the loop reads and changes, as multinerf's TrainState (plus the loop's clocks)."""
+    cfg: argparse.Namespace
+    model: MipNeRF                  # the network: weights, rendering
+    net: torch.nn.Module            # what trains: the model, or its DDP wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    sampler: datasets.RaySampler
+    device: torch.device
+    main: bool                      # rank 0: logs, evaluates, saves
+    test_data: datasets.SceneData = None   # rank 0 only
+    writer: SummaryWriter = None           # rank 0 only
+    step: int = 0
+    initial: dict = None            # the state at the start, for a rollback before any checkpoint
+    nonfinite: int = 0              # non-finite steps in a row
+    saved_at: int = None            # the step of the last checkpoint this run wrote
+    evaluated_at: int = None
+    t_start: float = dataclasses.field(default_factory=time.time)
+    eval_seconds: float = 0.        # time spent rendering previews and evaluating
+    window: list = dataclasses.field(default_factory=lambda: [time.time(), 0., 0])  # start, PSNR sum, steps
+
+    def train_seconds(self):
+        return time.time() - self.t_start - self.eval_seconds
+
+
+# ----------------------------------------------------------------------------
+# Setting up and resuming.
+
+def prepare_log_dir(cfg):
+    """Make --log_dir before the data loads; refuse a file, an unwritable place, or another run's
+    checkpoints without --resume (a new run there would prune them and mix the two logs)."""
+    d = cfg.log_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise config.ConfigError(f'--log_dir {d} is a file: pass a folder')
+    found = runs.list_checkpoints(d)
+    if found and not cfg.resume:
+        raise config.ConfigError(f'--log_dir {d} already holds a run (latest {os.path.basename(found[-1])}): '
+                                 'add --resume to continue it, or pass another --log_dir')
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise config.ConfigError(f'--log_dir {d}: cannot create it ({e.strerror}): pass a writable folder') from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise config.ConfigError(f'--log_dir {d} is not writable: pass a writable folder')
+
+
+def setup(cfg):
+    """Join the process group, check --log_dir, load the data, build the model and optimizer, resume.
+
+    Returns the TrainState, or None when a resume finds nothing left to train.
+    """
+    device = ddp.setup(runs.resolve_device(cfg.device))
+    rank, main = ddp.rank(), ddp.is_main()
+    torch.manual_seed(cfg.seed)          # the same initial weights on every rank
+    if main:
+        prepare_log_dir(cfg)   # before anything slow: a refusal comes at once
+        if cfg.dataset_name == 'demo' and not os.path.isdir(cfg.base_dir):
+            print(f'demo scene not found in {cfg.base_dir}: generating it (about half a minute)')
+            scenes.make_demo_scene(cfg.base_dir)
+        if cfg.lr_delay_steps >= cfg.max_steps:
+            print(f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans '
+                  f'the whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs')
+    ddp.barrier()
+    train_data = datasets.dataset_from_config(cfg, 'train')
+    model = runs.build_model(cfg).to(device)
+    net = model
+    if ddp.launched():
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    state = TrainState(cfg, model, net, torch.optim.Adam(model.parameters(), lr=cfg.lr_init), Schedule(cfg),
+                       datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank,
+                                           batching=cfg.batching), device, main)
+    if rank:
+        torch.manual_seed(cfg.seed + rank)   # this rank's own jitter and noise
+    if not resume(state):
+        return None
+    state.initial = copy.deepcopy(runs.checkpoint(state))
+    if main:
+        state.test_data = datasets.dataset_from_config(cfg, 'test')
+        config.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
+        state.writer = SummaryWriter(cfg.log_dir)  # appends: earlier runs' logs stay
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f'{num_params:,} parameters, {len(train_data)} training views of {train_data.w}x{train_data.h}, '
+              f'device {device}' + (f' x {ddp.world_size()} processes' if ddp.launched() else '')
+              + f', logging to {cfg.log_dir}')
+    state.t_start = state.window[0] = time.time()
+    return state
+
+
+def resume(state):
+    """With --resume, restore the checkpoint it names (or the latest readable one). False when
+    that checkpoint is already at --max_steps (nothing to train)."""
+    cfg = state.cfg
+    if not cfg.resume:
+        return True
+    if cfg.resume != 'latest':
+        if not os.path.isfile(cfg.resume):
+            raise config.ConfigError(f'--resume {cfg.resume}: no such checkpoint (omit the path to take the latest '
+                                     'in --log_dir)')
+        try:
+            ckpt = runs.read_checkpoint(cfg.resume, state.device, runs.RESUME_KEYS)
+        except ValueError as e:
+            raise config.ConfigError(f'--resume: {e}; pass an earlier one') from None
+    else:
+        ckpt = runs.latest_checkpoint(cfg.log_dir, state.device, runs.RESUME_KEYS,
+                                      note=lambda m: print(f'--resume: {m.replace("taking", "trying")}'))
+        if ckpt is None:
+            print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
+            return True
+    model_args = dataclasses.asdict(state.model.args)
+    if ckpt['model_args'] != model_args:
+        diff = ', '.join(f'{k}: {v} there, {model_args.get(k)} here'
+                         for k, v in ckpt['model_args'].items() if model_args.get(k) != v)
+        raise config.ConfigError(f'--resume {ckpt["path"]}: the checkpoint has a different network ({diff}); '
+                                 'pass the same model flags or another --log_dir')
+    runs.restore(state, ckpt, with_rng=True)
+    if state.step >= cfg.max_steps:
+        if state.main:
+            print(f'{ckpt["path"]} is at step {state.step} and --max_steps is {cfg.max_steps}: '
+                  'nothing to train (raise --max_steps to go on)')
+        return False
+    if state.main:
+        print(f'resumed from {ckpt["path"]} at step {state.step}')
+    return True
+
+
+# ----------------------------------------------------------------------------
+# A step.
+
+def train_step(model, optimizer, schedule, sampler, cfg, step):
+    """One optimization step on a fresh batch of rays; `step` steps are done before it.
+
+    The update uses the rate of step `step + 1`, as the official loop, which
+    counts steps from 1 (the last update uses lr_final). Returns (loss,
+    per-level PSNRs, gradient norm, finite). When the loss or the gradient is
+    not finite, the parameters are left unchanged.
+    """
+    rays, target = sampler.sample()
+    lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not model.args.stop_level_grad:
+        loss, _, psnrs = mipnerf_loss(model(rays), target, lossmult, cfg.coarse_loss_mult)
+        loss.backward()
+    else:
+        # Level by level: no gradient flows between levels, so each level's loss is
+        # backpropagated before the next level runs and only one level's activations are
+        # held (half the memory). The gradient is the same sum as one backward of the total.
+        mses = []
+        for w, (rgb, *_) in zip(level_weights(model.args.num_levels, cfg.coarse_loss_mult), model.levels(rays)):
+            mse = weighted_mse(rgb, target, lossmult)
+            (w * mse).backward()
+            mses.append(mse.detach())
+        mses = torch.stack(mses)
+        loss, psnrs = total_loss(mses, cfg.coarse_loss_mult), mse_to_psnr(mses)
+    max_norm = cfg.grad_max_norm if cfg.grad_max_norm > 0 else float('inf')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    finite = bool(torch.isfinite(loss.detach() + grad_norm))
+    if finite:
+        schedule.apply(optimizer, step + 1)
+        optimizer.step()
+    return loss.detach(), psnrs, grad_norm, finite
+
+
+def recover(state):
+    """After --max_nonfinite non-finite steps in a row: reload the last checkpoint (or the initial
+    state) and halve the learning rate; every rank does the same."""
+    found = runs.list_checkpoints(state.cfg.log_dir)
+    ckpt = runs.read_checkpoint(found[-1], state.device, runs.RESUME_KEYS) if found else state.initial
+    back = state.step
+    runs.restore(state, ckpt, with_rng=False)
+    state.schedule.scale *= 0.5
+    if state.main:
+        tqdm.write(f'{state.nonfinite} non-finite steps in a row: reloaded {found[-1] if found else "the initial state"}'
+                   f' (step {state.step}) and halved the learning rate (now {state.schedule.scale:g} x the schedule)')
+    state.nonfinite = 0
+    return state.step - back
+
+
+# ----------------------------------------------------------------------------
+# Logging, previews, evaluation, saving (rank 0, except save, which gathers from every rank).
+
+def level_names(n):
+    return ['coarse', 'fine'] if n == 2 else [f'level{i}' for i in range(n)]
+
+
+def log_scalars(state, loss, psnrs, grad_norm, bar):
+    """TensorBoard scalars and the progress bar's figures over the steps since the last call."""
+    t0, psnr_sum, steps = state.window
+    rays_per_sec = steps * state.cfg.batch_size * ddp.world_size() / (time.time() - t0)
+    avg_psnr = float(psnr_sum) / steps
+    w, step = state.writer, state.step
+    w.add_scalar('train/loss', loss.item(), step)
+    for name, p in zip(level_names(len(psnrs)), psnrs.tolist()):
+        w.add_scalar(f'train/psnr_{name}', p, step)
+    w.add_scalar('train/psnr_avg', avg_psnr, step)
+    w.add_scalar('train/lr', state.optimizer.param_groups[0]['lr'], step)
+    w.add_scalar('train/grad_norm', grad_norm.item(), step)
+    w.add_scalar('train/rays_per_sec', rays_per_sec, step)
+    if bar.disable:   # not a terminal (a log file): one line per log_every instead of a bar
+        print(f'step {step}: loss {loss.item():.4f}, train PSNR {avg_psnr:.2f} dB, {rays_per_sec:,.0f} rays/s',
+              flush=True)
+    else:
+        bar.set_postfix(loss=f'{loss.item():.4f}', psnr=f'{avg_psnr:.2f}', rays_s=f'{rays_per_sec:,.0f}')
+    state.window = [time.time(), 0., 0]
+
+
+def preview(state):
+    """A rendered test view, its target, depth and opacity in TensorBoard."""
+    cfg, data, step = state.cfg, state.test_data, state.step
+    i = (step // cfg.render_every) % len(data)
+    rgb, distance, acc = state.model.render_image(data.rays_of_image(i), cfg.chunk)
+    w = state.writer
+    w.add_image('test/rgb', rgb.clamp(0, 1).cpu(), step, dataformats='HWC')
+    w.add_image('test/target', data.images[i], step, dataformats='HWC')
+    w.add_image('test/depth', vis.colorize_depth(distance, cfg.near, cfg.far, acc), step, dataformats='HWC')
+    w.add_image('test/acc', acc.clamp(0, 1).cpu(), step, dataformats='HW')
+
+
+def eval_view_indices(n, eval_views):
+    """`eval_views` evenly spaced test views (all of them for 0)."""
+    if eval_views <= 0 or eval_views >= n:
+        return list(range(n))
+    return sorted({round(i * n / eval_views) for i in range(eval_views)})
+
+
+@torch.no_grad()
+def mean_psnr(model, data, indices, chunk):
+    """Mean over the views of the per-view PSNR of the fine level."""
+    psnrs = []
+    for i in indices:
+        rgb = model.render_image(data.rays_of_image(i), chunk)[0]
+        psnrs.append(float(mse_to_psnr(((rgb - data.images[i].to(rgb.device)) ** 2).mean())))
+    return sum(psnrs) / len(psnrs)
+
+
+def evaluate(state, eval_views):
+    """Test PSNR over `eval_views` views (0: all) into TensorBoard, eval.jsonl and the console."""
+    t = time.time()
+    cfg, step = state.cfg, state.step
+    indices = eval_view_indices(len(state.test_data), eval_views)
+    psnr = mean_psnr(state.model, state.test_data, indices, cfg.chunk)
+    state.writer.add_scalar('test/psnr', psnr, step)
+    path = os.path.join(cfg.log_dir, 'eval.jsonl')
+    try:
+        cli.append_line(path, json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),  # seconds since start
+                                          'wall_seconds': round(time.time() - state.t_start, 1),
+                                          'train_seconds': round(t - state.t_start - state.eval_seconds, 1)}))
+    except OSError as e:
+        tqdm.write(f'could not write {path} ({e.strerror or e}); training goes on')
+    tqdm.write(f'step {step}: test PSNR {psnr:.2f} dB over {len(indices)} views ({time.time() - t:.1f} s)')
+    state.evaluated_at = step
+
+
+def save(state):
+    """Save (rank 0) and prune; on an OSError keep going and say so. Returns whether it saved.
+
+    Every rank calls it: the ranks' sampler and RNG states are gathered so
+    that a resume with as many processes continues their streams exactly.
+    """
+    rank_states = ddp.gather({'sampler': state.sampler.state_dict(), 'rng': runs.rng_state()})
+    if not state.main:
+        return True
+    path = runs.checkpoint_path(state.cfg.log_dir, state.step)
+    try:
+        runs.save_checkpoint(path, runs.checkpoint(state, rank_states))
+    except OSError as e:
+        previous = runs.list_checkpoints(state.cfg.log_dir)
+        tqdm.write(f'could not save {path}: {e}; '
+                   + (f'{previous[-1]} is intact' if previous else 'no earlier checkpoint exists'))
+        return False
+    runs.prune_checkpoints(state.cfg.log_dir, state.cfg.keep_checkpoints)
+    state.saved_at = state.step
+    return True
+
+
+def finish(state, signum, out_of_time):
+    """The end of a run. After a signal (`signum`): save and return its exit code (130, 143).
+    Otherwise: evaluate on all test views, save the final checkpoint, and return 0 (1 if it
+    could not be saved)."""
+    cfg, main, step = state.cfg, state.main, state.step
+    if signum is not None:
+        saved = state.saved_at == step or save(state)
+        stop = cli.Stopped(signum)
+        if main:
+            print(f'{stop.name}: stopped at step {step}'
+                  + (f', saved {runs.checkpoint_path(cfg.log_dir, step)}' if saved else '')
+                  + '; continue with the same command plus --resume')
+            state.writer.close()
+        return stop.exit_code
+    if out_of_time and main:
+        print(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
+    if main and cfg.eval_every and state.evaluated_at != step:   # the end: all test views
+        evaluate(state, 0)
+    saved = state.saved_at == step or save(state)
+    if main:
+        state.writer.close()
+        if not saved:
+            sys.stderr.write(f'train.py: error: the final checkpoint could not be saved to {cfg.log_dir} (see above)\n')
+            return 1
+        print(f'done: {step} steps, checkpoint in {cfg.log_dir}')
+    return 0
