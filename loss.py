@@ -1,5 +1,9 @@
 """Losses and image metrics."""
+import http.client
 import math
+import os
+import traceback
+import warnings
 
 import torch
 
@@ -64,17 +68,52 @@ def ssim(img0, img1):
 class LPIPS:
     """LPIPS (VGG, v0.1, the official eval's net-lin_vgg_v0.1) through the `lpips` package, when it loads.
 
-    `available` tells whether it did; `note` says why not otherwise.
+    `available` tells whether it did; `note` says why not otherwise, in one line with the fix:
+    the package missing, torchvision not matching torch, or the VGG16 ImageNet weights (which
+    torchvision downloads once into torch's hub cache) not downloadable.
     """
+
+    # torchvision's VGG16_Weights.IMAGENET1K_V1, which lpips loads; lpips ships its own linear layers.
+    VGG_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+    VGG_MB = 528
+    INSTALL = 'pip install -r requirements-eval.txt'
 
     def __init__(self, device='cpu'):
         self.fn, self.note = None, ''
+        stage = 'import'
         try:
-            import lpips
-            self.fn = lpips.LPIPS(net='vgg', version='0.1', verbose=False).to(device).eval()
-        except Exception as e:  # not installed, or weights not downloadable
-            self.note = f'LPIPS skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
+            import lpips  # imports torchvision
+            stage = 'build'
+            with warnings.catch_warnings():  # lpips calls torchvision's legacy `pretrained=True`
+                warnings.filterwarnings('ignore', message=r'.*(pretrained|weights).* deprecated', category=UserWarning)
+                self.fn = lpips.LPIPS(net='vgg', version='0.1', verbose=False).to(device).eval()
+        except Exception as e:  # not installed, torchvision broken, or weights not downloadable
+            self.note = self.skip_note(e, stage)
         self.device = device
+
+    @classmethod
+    def vgg_cache_path(cls):
+        """Where torchvision keeps (and looks for) the VGG16 weights: torch.hub's checkpoints folder."""
+        return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(cls.VGG_URL))
+
+    @classmethod
+    def skip_note(cls, e, stage):
+        """The one-line note for an LPIPS that failed to load with `e` at `stage` ('import' or 'build')."""
+        error = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
+        if isinstance(e, ModuleNotFoundError) and (e.name or '').split('.')[0] in ('lpips', 'torchvision'):
+            return (f'LPIPS skipped: the {e.name.split(".")[0]} package is not installed ({cls.INSTALL}; '
+                    f'its VGG16 weights, about {cls.VGG_MB} MB, then download once on first use)')
+        in_torchvision = any(f'{os.sep}torchvision{os.sep}' in frame.filename
+                             for frame in traceback.extract_tb(e.__traceback__))
+        if stage == 'import' and (in_torchvision or 'torchvision' in str(e)):
+            return (f'LPIPS skipped: torchvision does not load with torch {torch.__version__} ({error}); install '
+                    f'the torchvision built for this torch, from the index torch came from (see requirements-eval.txt)')
+        offline = isinstance(e, (OSError, http.client.HTTPException)) and not os.path.exists(cls.vgg_cache_path())
+        if stage == 'build' and offline:
+            return (f'LPIPS skipped: its VGG16 weights could not be downloaded ({error}); '
+                    f'put {cls.VGG_URL} ({cls.VGG_MB} MB) at {cls.vgg_cache_path()} '
+                    f'(torch.hub cache: $TORCH_HOME/hub, default ~/.cache/torch/hub)')
+        return f'LPIPS skipped: {error}'
 
     @property
     def available(self):
@@ -82,7 +121,9 @@ class LPIPS:
 
     @torch.no_grad()
     def __call__(self, img0, img1):
-        to = lambda x: (x.float().to(self.device).permute(2, 0, 1)[None] * 2 - 1)
+
+        def to(x):
+            return x.float().to(self.device).permute(2, 0, 1)[None] * 2 - 1
         return float(self.fn(to(img0), to(img1)))
 
 

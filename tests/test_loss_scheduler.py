@@ -6,7 +6,6 @@ import torch
 from loss import average_error, mipnerf_loss, mse_to_psnr, weighted_mse
 from scheduler import Schedule, learning_rate
 
-
 OFFICIAL = dict(lr_init=5e-4, lr_final=5e-6, max_steps=1_000_000, lr_delay_steps=2500, lr_delay_mult=0.01)
 
 
