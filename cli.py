@@ -13,6 +13,7 @@ answer `--help`, before the heavy modules load.
   temporary sibling, checked, then renamed into place).
 - `stop_on_signals`: the one SIGINT/SIGTERM handler of all four scripts.
 """
+
 import argparse
 import contextlib
 import math
@@ -66,6 +67,7 @@ class Parser(configargparse.ArgumentParser):
 # ----------------------------------------------------------------------------
 # Argument types.
 
+
 def str2bool(v):
     if isinstance(v, bool):
         return v
@@ -105,6 +107,7 @@ def add_bool(group, name, default, help):
 
 # ----------------------------------------------------------------------------
 # Output folders and files: made early, removed again when nothing was written.
+
 
 def make_dirs(path):
     """os.makedirs(path, exist_ok=True); returns the folders it made, deepest first (also when it fails)."""
@@ -276,6 +279,7 @@ def stop_on_signals(defer=False):
             state.signum = signum
         if (first and not defer) or (not first and defer and signum == signal.SIGINT):
             raise Stopped(signum)
+
     previous = {s: signal.signal(s, handler) for s in EXIT_CODES}
     try:
         yield state

@@ -14,6 +14,7 @@ This module does not import torch: `--help` and a bad flag answer at once.
 Only the checks that need the dataset table (defaults, the scene folder)
 import `datasets`, after the flags themselves were found good.
 """
+
 import dataclasses
 import math
 import os
@@ -38,6 +39,7 @@ class ModelArgs:
     The defaults are the official release's for Blender; fields marked
     per_dataset take the dataset's default when the flag is not given.
     """
+
     num_samples: int = _field(128, 'samples (intervals) per level')
     num_levels: int = _field(2, 'sampling levels (coarse + fine)')
     resample_padding: float = _field(0.01, 'padding added to the resampling weights')
@@ -48,8 +50,8 @@ class ModelArgs:
     min_deg_point: int = _field(0, 'lowest IPE degree')
     max_deg_point: int = _field(16, 'IPE degrees are min_deg_point..max_deg_point-1')
     deg_view: int = _field(4, 'PE degrees of the view direction')
-    density_noise: float = _field(0., 'std of Gaussian noise on raw density in training', per_dataset=True)
-    density_bias: float = _field(-1., 'shift added to raw density before softplus')
+    density_noise: float = _field(0.0, 'std of Gaussian noise on raw density in training', per_dataset=True)
+    density_bias: float = _field(-1.0, 'shift added to raw density before softplus')
     rgb_padding: float = _field(0.001, 'padding of the sigmoid colour')
     disable_integration: bool = _field(False, 'use PE of the means instead of IPE (ablation)')
     white_bkgd: bool = _field(True, 'composite onto white', per_dataset=True)
@@ -66,13 +68,42 @@ class ModelArgs:
 
 
 # Flags that must be > 0, and flags that must be >= 0.
-POSITIVE = ('batch_size', 'max_steps', 'num_samples', 'num_levels', 'net_depth', 'net_width',
-            'net_depth_condition', 'net_width_condition', 'chunk', 'lr_init', 'lr_final',
-            'log_every', 'keep_checkpoints', 'max_nonfinite', 'llffhold', 'lr_delay_mult')
-NON_NEGATIVE = ('factor', 'min_deg_point', 'deg_view', 'skip_layer', 'lr_delay_steps',
-                'coarse_loss_mult', 'density_noise', 'resample_padding', 'render_every',
-                'eval_every', 'save_every', 'eval_views', 'grad_max_norm', 'near', 'max_minutes')
-DATASET_NAMES = ('blender', 'llff', 'multicam', 'demo')   # datasets.DATASETS; a test checks they agree
+POSITIVE = (
+    'batch_size',
+    'max_steps',
+    'num_samples',
+    'num_levels',
+    'net_depth',
+    'net_width',
+    'net_depth_condition',
+    'net_width_condition',
+    'chunk',
+    'lr_init',
+    'lr_final',
+    'log_every',
+    'keep_checkpoints',
+    'max_nonfinite',
+    'llffhold',
+    'lr_delay_mult',
+)
+NON_NEGATIVE = (
+    'factor',
+    'min_deg_point',
+    'deg_view',
+    'skip_layer',
+    'lr_delay_steps',
+    'coarse_loss_mult',
+    'density_noise',
+    'resample_padding',
+    'render_every',
+    'eval_every',
+    'save_every',
+    'eval_views',
+    'grad_max_norm',
+    'near',
+    'max_minutes',
+)
+DATASET_NAMES = ('blender', 'llff', 'multicam', 'demo')  # datasets.DATASETS; a test checks they agree
 USAGE = '%(prog)s [--config FILE] [--FLAG VALUE ...]'
 
 
@@ -95,25 +126,40 @@ def _add_model_flags(group):
         if f.type is bool or f.type == 'bool':
             cli.add_bool(group, f'--{f.name}', default, help)
         else:
-            group.add_argument(f'--{f.name}', type={'int': int, 'float': float, 'str': str}.get(f.type, f.type),
-                               default=default, help=help, **meta['flag'])
+            group.add_argument(
+                f'--{f.name}',
+                type={'int': int, 'float': float, 'str': str}.get(f.type, f.type),
+                default=default,
+                help=help,
+                **meta['flag'],
+            )
 
 
 def build_parser():
     """The parser of train.py: every flag, grouped."""
-    p = cli.Parser(description='Train mip-NeRF.', usage=USAGE,
-                   config_file_parser_class=configargparse.DefaultConfigFileParser,
-                   epilog='A --config file holds "flag = value" lines (configs/*.txt); flags on the command line '
-                          'override it, and both override the per-dataset defaults.')
-    p.add_argument('--config', is_config_file=True, help='config file of "flag = value" lines (e.g. configs/blender.txt)')
+    p = cli.Parser(
+        description='Train mip-NeRF.',
+        usage=USAGE,
+        config_file_parser_class=configargparse.DefaultConfigFileParser,
+        epilog='A --config file holds "flag = value" lines (configs/*.txt); flags on the command line '
+        'override it, and both override the per-dataset defaults.',
+    )
+    p.add_argument(
+        '--config', is_config_file=True, help='config file of "flag = value" lines (e.g. configs/blender.txt)'
+    )
 
     g = p.add_argument_group('data')
-    g.add_argument('--dataset_name', default='blender', metavar='NAME',
-                   help=f'dataset loader: {", ".join(DATASET_NAMES)}')
-    g.add_argument('--data_dir', default='data', help='folder holding nerf_synthetic/, nerf_llff_data/, nerf_multiscale/')
+    g.add_argument(
+        '--dataset_name', default='blender', metavar='NAME', help=f'dataset loader: {", ".join(DATASET_NAMES)}'
+    )
+    g.add_argument(
+        '--data_dir', default='data', help='folder holding nerf_synthetic/, nerf_llff_data/, nerf_multiscale/'
+    )
     g.add_argument('--scene', default=None, help='scene folder under the dataset folder (lego, fern, ...)')
     g.add_argument('--base_dir', default=None, help='one scene folder, used instead of --data_dir/--scene')
-    g.add_argument('--factor', type=int, default=None, help='downsample images by this factor (0: full size; default: per dataset)')
+    g.add_argument(
+        '--factor', type=int, default=None, help='downsample images by this factor (0: full size; default: per dataset)'
+    )
     g.add_argument('--near', type=float, default=None, help='near bound (default: per dataset)')
     g.add_argument('--far', type=float, default=None, help='far bound (default: per dataset)')
     g.add_argument('--llffhold', type=int, default=8, help='LLFF: every N-th image is a test image')
@@ -123,20 +169,28 @@ def build_parser():
     g = p.add_argument_group('training')
     flag = g.add_argument
     flag('--batch_size', type=int, default=4096, help='rays per step')
-    flag('--batching', default=None, choices=['single_image', 'all_images'],
-         help='draw each batch from one random image or from all pixels (default: per dataset)')
+    flag(
+        '--batching',
+        default=None,
+        choices=['single_image', 'all_images'],
+        help='draw each batch from one random image or from all pixels (default: per dataset)',
+    )
     flag('--max_steps', type=int, default=1_000_000, help='training steps')
     flag('--lr_init', type=float, default=5e-4, help='learning rate at step 0')
     flag('--lr_final', type=float, default=5e-6, help='learning rate at max_steps')
     flag('--lr_delay_steps', type=int, default=2500, help='warm-up steps')
     flag('--lr_delay_mult', type=float, default=0.01, help='learning-rate multiplier at step 0 of the warm-up')
     flag('--coarse_loss_mult', type=float, default=0.1, help='weight of the coarse levels in the loss')
-    flag('--grad_max_norm', type=float, default=0., help='clip the gradient norm (0: off)')
-    flag('--max_nonfinite', type=int, default=5,
-         help='after this many non-finite steps in a row, reload the last checkpoint and halve the learning rate')
+    flag('--grad_max_norm', type=float, default=0.0, help='clip the gradient norm (0: off)')
+    flag(
+        '--max_nonfinite',
+        type=int,
+        default=5,
+        help='after this many non-finite steps in a row, reload the last checkpoint and halve the learning rate',
+    )
     cli.add_bool(g, '--randomized', True, 'stratified jitter and density noise in training')
     cli.add_bool(g, '--disable_multiscale_loss', False, 'ignore lossmult')
-    flag('--max_minutes', type=float, default=0., help='stop after this many minutes of training (0: no limit)')
+    flag('--max_minutes', type=float, default=0.0, help='stop after this many minutes of training (0: no limit)')
     flag('--seed', type=int, default=0, help='random seed')
 
     g = p.add_argument_group('device and speed')
@@ -148,23 +202,42 @@ def build_parser():
     flag('--log_dir', default=None, help='run folder (default: log/<scene>)')
     flag('--log_every', type=int, default=100, help='steps between TensorBoard scalars')
     flag('--render_every', type=int, default=5000, help='steps between rendered test views in TensorBoard (0: never)')
-    flag('--eval_every', type=int, default=50000, help='steps between test-set PSNR, and at the end on all views (0: never)')
+    flag(
+        '--eval_every',
+        type=int,
+        default=50000,
+        help='steps between test-set PSNR, and at the end on all views (0: never)',
+    )
     flag('--eval_views', type=int, default=0, help='test views used by eval_every, evenly spaced (0: all)')
     flag('--save_every', type=int, default=10000, help='steps between checkpoints (0: only at the end)')
     flag('--keep_checkpoints', type=int, default=5, help='checkpoints kept in log_dir')
     flag('--chunk', type=int, default=8192, help='rays per forward pass when rendering images')
-    flag('--resume', nargs='?', const='latest', default=None, metavar='CKPT',
-         help='continue from the latest checkpoint in log_dir, or from CKPT')
-    flag('--mesh_threshold', type=float, default=None,
-         help='density of the surface for extract_mesh.py (default: chosen from the density field)')
+    flag(
+        '--resume',
+        nargs='?',
+        const='latest',
+        default=None,
+        metavar='CKPT',
+        help='continue from the latest checkpoint in log_dir, or from CKPT',
+    )
+    flag(
+        '--mesh_threshold',
+        type=float,
+        default=None,
+        help='density of the surface for extract_mesh.py (default: chosen from the density field)',
+    )
     return p
 
 
 def add_speed_flags(group, default_precision):
     group.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
-    group.add_argument('--precision', default=default_precision, choices=['fp32', 'tf32', 'bf16'],
-                       help='matrix precision: fp32, tf32 (CUDA), or bf16 (the MLP under bfloat16 autocast; '
-                            'the rest float32)' + ('' if default_precision else "; default: the run's"))
+    group.add_argument(
+        '--precision',
+        default=default_precision,
+        choices=['fp32', 'tf32', 'bf16'],
+        help='matrix precision: fp32, tf32 (CUDA), or bf16 (the MLP under bfloat16 autocast; '
+        'the rest float32)' + ('' if default_precision else "; default: the run's"),
+    )
 
 
 def run_parser(description, chunk=8192, data=True):
@@ -188,7 +261,7 @@ def run_parser(description, chunk=8192, data=True):
 
 def check_flags(cfg):
     """Raise ConfigError with a one-line fix for the first bad flag (before any dataset default is known)."""
-    for k in POSITIVE:   # written so that nan fails too; inf is refused below
+    for k in POSITIVE:  # written so that nan fails too; inf is refused below
         if not getattr(cfg, k) > 0:
             raise ConfigError(f'--{k} must be positive, got {getattr(cfg, k)}')
     for k in NON_NEGATIVE:
@@ -199,12 +272,17 @@ def check_flags(cfg):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f'--{k} must be a finite number, got {v}')
     if cfg.min_deg_point > cfg.max_deg_point:
-        raise ConfigError(f'--min_deg_point ({cfg.min_deg_point}) must not exceed --max_deg_point ({cfg.max_deg_point})')
+        raise ConfigError(
+            f'--min_deg_point ({cfg.min_deg_point}) must not exceed --max_deg_point ({cfg.max_deg_point})'
+        )
     if cfg.near is not None and cfg.far is not None and cfg.near >= cfg.far:
         raise ConfigError(f'--near ({cfg.near}) must be less than --far ({cfg.far})')
     if cfg.dataset_name not in DATASET_NAMES:
-        raise ConfigError(f"--dataset_name: invalid choice: '{cfg.dataset_name}' (choose from "
-                          + ', '.join(f"'{n}'" for n in DATASET_NAMES) + ')')
+        raise ConfigError(
+            f"--dataset_name: invalid choice: '{cfg.dataset_name}' (choose from "
+            + ', '.join(f"'{n}'" for n in DATASET_NAMES)
+            + ')'
+        )
     check_device_name(cfg.device)
 
 
@@ -221,14 +299,22 @@ def check_resolved(cfg, need_data=True):
         raise ConfigError('--lindisp needs --near > 0')
     if need_data and cfg.dataset_name != 'demo' and not os.path.isdir(cfg.base_dir):
         import datasets  # torch: only once the flags are known to be good
+
         folder, script = datasets.DATASETS[cfg.dataset_name].folder, datasets.DATASETS[cfg.dataset_name].script
         parent = os.path.dirname(os.path.normpath(cfg.base_dir))
-        scenes = sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))) \
-            if os.path.isdir(parent) and os.path.basename(parent) == folder else []
+        scenes = (
+            sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d)))
+            if os.path.isdir(parent) and os.path.basename(parent) == folder
+            else []
+        )
         if scenes:
-            raise ConfigError(f'scene folder {cfg.base_dir} not found; {parent} has: {", ".join(scenes)} '
-                              '(pass one of them with --scene)')
-        raise ConfigError(f'scene folder {cfg.base_dir} not found: run {script} (or pass --data_dir/--scene/--base_dir)')
+            raise ConfigError(
+                f'scene folder {cfg.base_dir} not found; {parent} has: {", ".join(scenes)} '
+                '(pass one of them with --scene)'
+            )
+        raise ConfigError(
+            f'scene folder {cfg.base_dir} not found: run {script} (or pass --data_dir/--scene/--base_dir)'
+        )
 
 
 def get_config(argv=None, need_data=True, prog=None):
@@ -246,6 +332,7 @@ def get_config(argv=None, need_data=True, prog=None):
     try:
         check_flags(cfg)
         import datasets  # torch: only once the flags are known to be good
+
         datasets.apply_defaults(cfg)
         check_resolved(cfg, need_data)
     except ConfigError as e:

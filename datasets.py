@@ -12,6 +12,7 @@ Every camera is a pix2cam `[3, 3]` and a cam2world `[3, 4]` matrix (see
 `ray_utils.pixel_rays`), so all loaders share one ray generator; LLFF scenes
 add the NDC warp of the official release.
 """
+
 import dataclasses
 import json
 import math
@@ -37,27 +38,49 @@ class DataError(ValueError):
 # The datasets: where they live and their defaults (the official blender.gin /
 # llff.gin / multiblender.gin). Flags and config files override the defaults.
 
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    folder: str          # under --data_dir
-    script: str          # the script that downloads it
-    scene: str           # the default --scene
-    defaults: dict       # per-dataset flag defaults
+    folder: str  # under --data_dir
+    script: str  # the script that downloads it
+    scene: str  # the default --scene
+    defaults: dict  # per-dataset flag defaults
 
 
 # Multicam draws from all images: its images differ in size, and the official
 # single_image batching indexes every image with the first one's pixel count.
 # The demo does too: its runs are a few thousand steps, where batches drawn from
 # one view at a time leave colours visibly behind.
-_BLENDER = dict(white_bkgd=True, near=2., far=6., factor=0, ray_shape='cone',
-                density_noise=0., lindisp=False, batching='single_image')
+_BLENDER = dict(
+    white_bkgd=True,
+    near=2.0,
+    far=6.0,
+    factor=0,
+    ray_shape='cone',
+    density_noise=0.0,
+    lindisp=False,
+    batching='single_image',
+)
 DATASETS = {
     'blender': Dataset('nerf_synthetic', 'scripts/download_blender.sh', 'lego', _BLENDER),
-    'llff': Dataset('nerf_llff_data', 'scripts/download_llff.sh', 'fern',
-                    dict(white_bkgd=False, near=0., far=1., factor=4, ray_shape='cylinder',
-                         density_noise=1., lindisp=False, batching='all_images')),
-    'multicam': Dataset('nerf_multiscale', 'scripts/download_multicam.sh', 'lego',
-                        dict(_BLENDER, batching='all_images')),
+    'llff': Dataset(
+        'nerf_llff_data',
+        'scripts/download_llff.sh',
+        'fern',
+        dict(
+            white_bkgd=False,
+            near=0.0,
+            far=1.0,
+            factor=4,
+            ray_shape='cylinder',
+            density_noise=1.0,
+            lindisp=False,
+            batching='all_images',
+        ),
+    ),
+    'multicam': Dataset(
+        'nerf_multiscale', 'scripts/download_multicam.sh', 'lego', dict(_BLENDER, batching='all_images')
+    ),
     'demo': Dataset('demo', None, '', dict(_BLENDER, batching='all_images')),
 }
 
@@ -80,6 +103,7 @@ def apply_defaults(cfg):
 # ----------------------------------------------------------------------------
 # Images.
 
+
 def read_image(path):
     """An image file as float32 `[H, W, C]` in [0, 1] (RGB or RGBA)."""
     if not os.path.isfile(path):
@@ -90,7 +114,7 @@ def read_image(path):
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
     img = img[..., [2, 1, 0, 3]] if img.shape[-1] == 4 else img[..., [2, 1, 0]]
-    scale = 65535. if img.dtype == np.uint16 else 255.
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
     return img.astype(np.float32) / scale
 
 
@@ -100,7 +124,9 @@ def area_downsample(img, factor):
         return img
     h, w = img.shape[0] // factor, img.shape[1] // factor
     if h < 1 or w < 1:
-        raise DataError(f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images: pass a smaller one')
+        raise DataError(
+            f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images: pass a smaller one'
+        )
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
 
 
@@ -109,7 +135,7 @@ def composite(rgba, white_bkgd):
     if rgba.shape[-1] == 3:
         return rgba
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
-    return rgb * alpha + (1. - alpha) if white_bkgd else rgb * alpha
+    return rgb * alpha + (1.0 - alpha) if white_bkgd else rgb * alpha
 
 
 def _read_all(paths, fn):
@@ -121,8 +147,10 @@ def _same_size(images, files):
     first = images[0].shape[:2]
     for path, im in zip(files, images):
         if im.shape[:2] != first:
-            raise DataError(f'image {path} has size {im.shape[:2]}, but {files[0]} has {first}: '
-                            'all images of a split must have the same size')
+            raise DataError(
+                f'image {path} has size {im.shape[:2]}, but {files[0]} has {first}: '
+                'all images of a split must have the same size'
+            )
     return torch.from_numpy(np.stack(images))
 
 
@@ -138,6 +166,7 @@ def _load_json(path):
 
 # ----------------------------------------------------------------------------
 # Scenes and rays.
+
 
 class SceneData:
     """Images and cameras of one split of a scene.
@@ -155,8 +184,19 @@ class SceneData:
         (render paths are built from it).
     """
 
-    def __init__(self, images, pix2cam, cam2world, near, far, lossmult=None, ndc=None,
-                 labels=None, bounds=None, all_cam2world=None):
+    def __init__(
+        self,
+        images,
+        pix2cam,
+        cam2world,
+        near,
+        far,
+        lossmult=None,
+        ndc=None,
+        labels=None,
+        bounds=None,
+        all_cam2world=None,
+    ):
         self.images = images
         n = len(images)
         self.sizes = [tuple(im.shape[:2]) for im in images]
@@ -166,8 +206,9 @@ class SceneData:
 
         def full(v):
             return torch.full((n,), float(v)) if np.isscalar(v) else torch.as_tensor(v, dtype=torch.float32)
+
         self.near, self.far = full(near), full(far)
-        self.lossmult = full(1.) if lossmult is None else full(lossmult)
+        self.lossmult = full(1.0) if lossmult is None else full(lossmult)
         self.ndc = ndc
         self.labels = torch.zeros(n, dtype=torch.long) if labels is None else torch.as_tensor(labels)
         self.bounds = bounds
@@ -180,8 +221,9 @@ class SceneData:
         """Rays of every pixel of image i: `Rays` of `[H, W, C]` tensors."""
         h, w = self.sizes[i]
         y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-        return make_rays(self.pix2cam[i], self.cam2world[i], x, y, h, w,
-                         self.near[i], self.far[i], self.lossmult[i], self.ndc)
+        return make_rays(
+            self.pix2cam[i], self.cam2world[i], x, y, h, w, self.near[i], self.far[i], self.lossmult[i], self.ndc
+        )
 
 
 def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
@@ -195,9 +237,11 @@ def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
     """
     origins, directions, viewdirs, radii = ray_utils.pixel_rays(pix2cam, cam2world, x, y)
     if ndc is not None:
+
         def ndc_origin(xx, yy):
             o, d, _, _ = ray_utils.pixel_rays(pix2cam, cam2world, xx, yy)
             return ray_utils.convert_to_ndc(o, d, ndc['focal'], ndc['w'], ndc['h'])[0]
+
         # The last row and column take their neighbour on the other side.
         x_next = torch.where(x + 1 < w, x + 1, x - 1)
         y_next = torch.where(y + 1 < h, y + 1, y - 1)
@@ -210,38 +254,50 @@ def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
 
     def as_col(v):
         return torch.as_tensor(v, dtype=radii.dtype, device=radii.device)[..., None] * ones
+
     return ray_utils.Rays(origins, directions, viewdirs, radii, as_col(lossmult), as_col(near), as_col(far))
 
 
 # ----------------------------------------------------------------------------
 # Blender (nerf_synthetic) and the demo scene.
 
-def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2., far=6., **_):
+
+def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2.0, far=6.0, **_):
     """The NeRF synthetic (Blender) format: transforms_{split}.json + RGBA PNGs."""
     meta_path = os.path.join(base_dir, f'transforms_{split}.json')
     if not os.path.isfile(meta_path) and os.path.isdir(base_dir):
-        splits = sorted(f[len('transforms_'):-len('.json')] for f in os.listdir(base_dir)
-                        if f.startswith('transforms_') and f.endswith('.json'))
+        splits = sorted(
+            f[len('transforms_') : -len('.json')]
+            for f in os.listdir(base_dir)
+            if f.startswith('transforms_') and f.endswith('.json')
+        )
         if not splits:
-            raise DataError(f'{base_dir} is not a Blender scene (no transforms_*.json): '
-                            'check --dataset_name and --base_dir')
-        raise DataError(f'{meta_path} is missing; the scene has the splits {", ".join(splits)}: '
-                        're-download it if one should be there')
+            raise DataError(
+                f'{base_dir} is not a Blender scene (no transforms_*.json): check --dataset_name and --base_dir'
+            )
+        raise DataError(
+            f'{meta_path} is missing; the scene has the splits {", ".join(splits)}: '
+            're-download it if one should be there'
+        )
     meta = _load_json(meta_path)
     try:
         camera_angle_x = float(meta['camera_angle_x'])
         frames = meta['frames']
-        files = [os.path.join(base_dir, f['file_path'] + ('' if f['file_path'].endswith('.png') else '.png'))
-                 for f in frames]
+        files = [
+            os.path.join(base_dir, f['file_path'] + ('' if f['file_path'].endswith('.png') else '.png')) for f in frames
+        ]
         cams = np.array([f['transform_matrix'] for f in frames], dtype=np.float32)
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f'{meta_path} is malformed ({type(e).__name__}: {e}): '
-                        'it needs camera_angle_x and frames with file_path and a 4x4 transform_matrix') from None
+        raise DataError(
+            f'{meta_path} is malformed ({type(e).__name__}: {e}): '
+            'it needs camera_angle_x and frames with file_path and a 4x4 transform_matrix'
+        ) from None
     if len(files) == 0 or cams.shape[1:] != (4, 4):
         raise DataError(f'{meta_path} is malformed: it needs at least one frame with a 4x4 transform_matrix')
 
-    images = _same_size(_read_all(files, lambda p: area_downsample(composite(read_image(p), white_bkgd), factor)),
-                        files)
+    images = _same_size(
+        _read_all(files, lambda p: area_downsample(composite(read_image(p), white_bkgd), factor)), files
+    )
     n, h, w = images.shape[:3]
     focal = 0.5 * w / np.tan(0.5 * camera_angle_x)
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
@@ -250,6 +306,7 @@ def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2., far=6., **
 
 # ----------------------------------------------------------------------------
 # LLFF (nerf_llff_data).
+
 
 def llff_image_dir(base_dir, factor):
     """images_{factor}/, made from images/ by area averaging and cached if missing."""
@@ -268,18 +325,22 @@ def llff_image_dir(base_dir, factor):
         if img is None:
             raise DataError(f'image {os.path.join(source, f)} is unreadable: re-download the scene')
         if img.shape[0] < factor or img.shape[1] < factor:
-            raise DataError(f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images in {source}: '
-                            'pass a smaller one')
+            raise DataError(
+                f'--factor {factor} is larger than the {img.shape[1]}x{img.shape[0]} images in {source}: '
+                'pass a smaller one'
+            )
         small = cv2.resize(img, (img.shape[1] // factor, img.shape[0] // factor), interpolation=cv2.INTER_AREA)
         out = os.path.join(tmp, os.path.splitext(f)[0] + '.png')
         if not cv2.imwrite(out, small):
             raise OSError(f'could not write {out}')
+
     try:
-        with cli.atomic_output(folder, folder=True) as tmp:   # images_N.partial/, renamed when complete
+        with cli.atomic_output(folder, folder=True) as tmp:  # images_N.partial/, renamed when complete
             _read_all(files, shrink)
     except OSError as e:
-        raise DataError(f'{folder}: could not make it ({e.strerror or e}): free some space or make the scene '
-                        'folder writable') from None
+        raise DataError(
+            f'{folder}: could not make it ({e.strerror or e}): free some space or make the scene folder writable'
+        ) from None
     return folder
 
 
@@ -305,14 +366,14 @@ def load_llff_poses(base_dir, factor, num_images=None):
     focal = poses[0, 2, 4] / max(factor, 1)
     # LLFF stores [down, right, back]; NeRF uses [right, up, back].
     poses = np.concatenate([poses[:, :, 1:2], -poses[:, :, 0:1], poses[:, :, 2:4]], -1)
-    scale = 1. / (bounds.min() * 0.75)
+    scale = 1.0 / (bounds.min() * 0.75)
     poses[:, :, 3] *= scale
     bounds *= scale
     poses = pose_utils.recenter_poses(torch.from_numpy(poses)).numpy()
     return poses, bounds, focal
 
 
-def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0., far=1., llffhold=8, **_):
+def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0.0, far=1.0, llffhold=8, **_):
     """LLFF forward-facing scenes: poses_bounds.npy + images_{factor}/, NDC rays."""
     folder = llff_image_dir(base_dir, factor)
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -329,8 +390,16 @@ def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0., far=1., llff
     n, h, w = images.shape[:3]
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
     all_c2w = torch.from_numpy(poses).float()
-    return SceneData(images, pix2cam, all_c2w[keep], near, far, ndc=dict(focal=float(focal), w=w, h=h),
-                     bounds=torch.from_numpy(bounds).float(), all_cam2world=all_c2w)
+    return SceneData(
+        images,
+        pix2cam,
+        all_c2w[keep],
+        near,
+        far,
+        ndc=dict(focal=float(focal), w=w, h=h),
+        bounds=torch.from_numpy(bounds).float(),
+        all_cam2world=all_c2w,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -348,8 +417,9 @@ def load_multicam(base_dir, split, white_bkgd=True, **_):
     m = meta[split]
     missing = [k for k in MULTICAM_KEYS if k not in m]
     if missing:
-        raise DataError(f'{meta_path} is malformed: split {split!r} lacks {missing}; '
-                        're-run scripts/convert_blender_data.py')
+        raise DataError(
+            f'{meta_path} is malformed: split {split!r} lacks {missing}; re-run scripts/convert_blender_data.py'
+        )
     n = len(m['file_path'])
     try:
         cam2world = torch.tensor(m['cam2world'], dtype=torch.float32)[:, :3, :4]
@@ -383,14 +453,22 @@ def get_dataset(dataset_name, base_dir, split, factor=None, white_bkgd=None, nea
 
     def pick(v, k):
         return d[k] if v is None else v
+
     return LOADERS[dataset_name](
-        base_dir, split, factor=pick(factor, 'factor'), white_bkgd=pick(white_bkgd, 'white_bkgd'),
-        near=pick(near, 'near'), far=pick(far, 'far'), llffhold=llffhold)
+        base_dir,
+        split,
+        factor=pick(factor, 'factor'),
+        white_bkgd=pick(white_bkgd, 'white_bkgd'),
+        near=pick(near, 'near'),
+        far=pick(far, 'far'),
+        llffhold=llffhold,
+    )
 
 
 def dataset_from_config(cfg, split):
-    return get_dataset(cfg.dataset_name, cfg.base_dir, split, cfg.factor, cfg.white_bkgd, cfg.near, cfg.far,
-                       cfg.llffhold)
+    return get_dataset(
+        cfg.dataset_name, cfg.base_dir, split, cfg.factor, cfg.white_bkgd, cfg.near, cfg.far, cfg.llffhold
+    )
 
 
 class RaySampler:
@@ -442,12 +520,22 @@ class RaySampler:
             pix = idx - self.starts[img]
         w = self.widths[img]
         y, x = pix // w, pix % w
-        rays = make_rays(self.pix2cam[img], self.cam2world[img], x, y, self.heights[img], w,
-                         self.near[img], self.far[img], self.lossmult[img], self.ndc)
+        rays = make_rays(
+            self.pix2cam[img],
+            self.cam2world[img],
+            x,
+            y,
+            self.heights[img],
+            w,
+            self.near[img],
+            self.far[img],
+            self.lossmult[img],
+            self.ndc,
+        )
         return rays, self.pixels[idx]
 
     def state_dict(self):
         return {'generator': self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state['generator'].cpu())   # a CPU byte tensor, wherever it was loaded
+        self.generator.set_state(state['generator'].cpu())  # a CPU byte tensor, wherever it was loaded

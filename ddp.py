@@ -7,6 +7,7 @@ the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo on
 CPUs. A plain `python train.py` stays a single process and never touches
 torch.distributed.
 """
+
 import datetime
 import os
 
@@ -29,8 +30,7 @@ def setup(device):
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                            timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(minutes=60))
     return device
 
 
@@ -64,7 +64,7 @@ def any_rank(flags, device):
     """For each flag, whether it is true on any rank (one collective); a list of bools."""
     if not dist.is_initialized():
         return [bool(f) for f in flags]
-    t = torch.tensor([1. if f else 0. for f in flags], device=device)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 

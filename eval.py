@@ -10,6 +10,7 @@ complete), and prints a table. For Multicam scenes the table has one column
 per scale, in the layout of the paper's multiscale table. LPIPS needs the
 `lpips` package and its weights; without them a one-line note says so.
 """
+
 import math
 import os
 import re
@@ -25,6 +26,7 @@ SCALE_NAMES = ['Full Res.', '1/2 Res.', '1/4 Res.', '1/8 Res.']
 def image_metrics(rgb, target, lpips_fn=None):
     """PSNR, SSIM, MSE (and LPIPS) of one rendered image against its target."""
     from loss import mse_to_psnr, ssim
+
     mse = float(((rgb - target) ** 2).mean())
     out = {'psnr': mse_to_psnr(mse) if mse > 0 else math.inf, 'ssim': ssim(rgb, target), 'mse': mse}
     if lpips_fn is not None and lpips_fn.available:
@@ -38,6 +40,7 @@ def summarize(rows):
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     if 'lpips' in mean:
         from loss import average_error
+
         mean['avg_error'] = average_error(mean['psnr'], mean['ssim'], mean['lpips'])
     return mean
 
@@ -49,16 +52,19 @@ def format_table(metrics):
         scales = sorted(metrics['per_scale'], key=int)
         cols = [(m, s) for m in ('psnr', 'ssim') + (('lpips',) if has_lpips else ()) for s in scales]
         head = ' | '.join(f'{m.upper()} {SCALE_NAMES[int(s)] if int(s) < 4 else s}' for m, s in cols)
-        vals = ' | '.join(f"{metrics['per_scale'][s][m]:.{2 if m == 'psnr' else 3}f}" for m, s in cols)
+        vals = ' | '.join(f'{metrics["per_scale"][s][m]:.{2 if m == "psnr" else 3}f}' for m, s in cols)
         if has_lpips:
             head += ' | Avg. error'
-            vals += f" | {metrics['mean']['avg_error']:.4f}"
+            vals += f' | {metrics["mean"]["avg_error"]:.4f}'
         return f'| {head} |\n|{"---|" * (len(cols) + has_lpips)}\n| {vals} |'
-    lines = ['| image | PSNR | SSIM |' + (' LPIPS |' if has_lpips else ''),
-             '|---|---|---|' + ('---|' if has_lpips else '')]
+    lines = [
+        '| image | PSNR | SSIM |' + (' LPIPS |' if has_lpips else ''),
+        '|---|---|---|' + ('---|' if has_lpips else ''),
+    ]
     for r in metrics['images'] + [dict(metrics['mean'], index='mean')]:
-        lines.append(f"| {r['index']} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
-                     + (f" {r['lpips']:.4f} |" if has_lpips else ''))
+        lines.append(
+            f'| {r["index"]} | {r["psnr"]:.2f} | {r["ssim"]:.4f} |' + (f' {r["lpips"]:.4f} |' if has_lpips else '')
+        )
     return '\n'.join(lines)
 
 
@@ -84,11 +90,18 @@ def check_out_dir(out_dir):
             fail(f'--out_dir {out_dir} is a file: pass a folder')
         others = sorted(f for f in os.listdir(out_dir) if not EVAL_FILE.match(f))
         if others:
-            fail(f'--out_dir {out_dir} holds other files ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}), '
-                 'which an evaluation would replace: pass a new or empty folder')
+            fail(
+                f'--out_dir {out_dir} holds other files ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}), '
+                'which an evaluation would replace: pass a new or empty folder'
+            )
     try:
-        return cli.prepare_out_dir(os.path.dirname(os.path.abspath(out_dir)), cli.partial_path(out_dir),
-                                   '--out_dir', 'pass a writable folder', value=out_dir)
+        return cli.prepare_out_dir(
+            os.path.dirname(os.path.abspath(out_dir)),
+            cli.partial_path(out_dir),
+            '--out_dir',
+            'pass a writable folder',
+            value=out_dir,
+        )
     except ValueError as e:
         fail(e)
 
@@ -97,6 +110,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import ddp
     import runs
+
     made = []
     try:
         with cli.stop_on_signals():
@@ -112,7 +126,7 @@ def main(argv=None):
         sys.stderr.write(f'{PROG}: stopped by {e.name}; nothing written\n')
         sys.exit(e.exit_code)
     finally:
-        cli.remove_empty_dirs(made)   # a folder made here stays only if it holds the evaluation
+        cli.remove_empty_dirs(made)  # a folder made here stays only if it holds the evaluation
         ddp.cleanup()
 
 
@@ -126,26 +140,33 @@ def run(args, model, data, ckpt, device):
     import ddp
     import vis
     from loss import LPIPS
+
     main, step = ddp.is_main(), ckpt['step']
     lpips_fn = LPIPS(device)
     if main and not lpips_fn.available:
         print(lpips_fn.note)
     mine = []
-    for i in tqdm(range(ddp.rank(), len(data), ddp.world_size()), desc=f'eval {args.split}', dynamic_ncols=True,
-                  disable=None if main else True):
+    for i in tqdm(
+        range(ddp.rank(), len(data), ddp.world_size()),
+        desc=f'eval {args.split}',
+        dynamic_ncols=True,
+        disable=None if main else True,
+    ):
         rgb, distance, acc = model.render_image(data.rays_of_image(i), args.chunk)
         target = data.images[i].to(rgb.device)
         row = {'index': i, 'label': int(data.labels[i]), **image_metrics(rgb, target, lpips_fn)}
-        pngs = {'color': vis.encode_png(vis.to_uint8(rgb)), 'acc': vis.encode_png(vis.to_uint8(acc)),
-                'depth': vis.encode_png(vis.colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc))}
+        pngs = {
+            'color': vis.encode_png(vis.to_uint8(rgb)),
+            'acc': vis.encode_png(vis.to_uint8(acc)),
+            'depth': vis.encode_png(vis.colorize_depth(distance, float(data.near[i]), float(data.far[i]), acc)),
+        }
         mine.append((row, pngs))
     gathered = ddp.gather(mine)
     if not main:
         return
     results = sorted((r for part in gathered for r in part), key=lambda r: r[0]['index'])
     rows = [row for row, _ in results]
-    metrics = {'step': step, 'split': args.split, 'checkpoint': ckpt['path'],
-               'images': rows, 'mean': summarize(rows)}
+    metrics = {'step': step, 'split': args.split, 'checkpoint': ckpt['path'], 'images': rows, 'mean': summarize(rows)}
     if not lpips_fn.available:
         metrics['lpips_note'] = lpips_fn.note
     labels = sorted({r['label'] for r in rows})
@@ -160,12 +181,17 @@ def run(args, model, data, ckpt, device):
             with open(os.path.join(tmp, 'metrics.json'), 'w') as f:
                 json.dump(metrics, f, indent=1)
     except OSError as e:
-        fail(f'--out_dir {args.out_dir}: writing the evaluation failed ({e.strerror or e}): pass a writable '
-             'folder with free space')
+        fail(
+            f'--out_dir {args.out_dir}: writing the evaluation failed ({e.strerror or e}): pass a writable '
+            'folder with free space'
+        )
     print(format_table(metrics))
     m = metrics['mean']
-    print(f"{args.split} at step {step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}"
-          + (f", LPIPS {m['lpips']:.4f}" if 'lpips' in m else '') + f' over {len(rows)} images; wrote {args.out_dir}')
+    print(
+        f'{args.split} at step {step}: PSNR {m["psnr"]:.2f} dB, SSIM {m["ssim"]:.4f}'
+        + (f', LPIPS {m["lpips"]:.4f}' if 'lpips' in m else '')
+        + f' over {len(rows)} images; wrote {args.out_dir}'
+    )
 
 
 if __name__ == '__main__':

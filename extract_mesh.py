@@ -19,6 +19,7 @@ The output file is written as <name>.partial.<ext> and renamed when complete;
 an unwritable --out, an empty mesh, an error, Ctrl-C or SIGTERM leave no
 partial file (and no folder this script made).
 """
+
 import math
 import os
 import sys
@@ -31,19 +32,41 @@ PROG = 'extract_mesh.py'
 
 def build_parser():
     p = config.run_parser('Extract a marching-cubes mesh from a trained mip-NeRF.', chunk=1 << 18, data=False)
-    p.add_argument('--grid_size', type=int, default=256,
-                   help='grid nodes per axis, at least 2 (memory: 4 x grid_size^3 bytes)')
-    p.add_argument('--threshold', type=float, default=None,
-                   help="density of the surface (default: the run's --mesh_threshold, else chosen from the density "
-                        'field, with a note saying which)')
-    p.add_argument('--bbox', type=float, nargs=6, default=None, metavar=('XMIN', 'YMIN', 'ZMIN', 'XMAX', 'YMAX', 'ZMAX'),
-                   help='bounding box (default: the dataset\'s)')
-    p.add_argument('--colors', type=cli.str2bool, nargs='?', const=True, default=False, metavar='BOOL',
-                   help='add vertex colours (the model\'s colour seen along the normal)')
-    p.add_argument('--min_component', type=float, default=0.05,
-                   help='drop pieces with fewer faces than this fraction (0 to 1) of the largest (0: keep all)')
+    p.add_argument(
+        '--grid_size', type=int, default=256, help='grid nodes per axis, at least 2 (memory: 4 x grid_size^3 bytes)'
+    )
+    p.add_argument(
+        '--threshold',
+        type=float,
+        default=None,
+        help="density of the surface (default: the run's --mesh_threshold, else chosen from the density "
+        'field, with a note saying which)',
+    )
+    p.add_argument(
+        '--bbox',
+        type=float,
+        nargs=6,
+        default=None,
+        metavar=('XMIN', 'YMIN', 'ZMIN', 'XMAX', 'YMAX', 'ZMAX'),
+        help="bounding box (default: the dataset's)",
+    )
+    p.add_argument(
+        '--colors',
+        type=cli.str2bool,
+        nargs='?',
+        const=True,
+        default=False,
+        metavar='BOOL',
+        help="add vertex colours (the model's colour seen along the normal)",
+    )
+    p.add_argument(
+        '--min_component',
+        type=float,
+        default=0.05,
+        help='drop pieces with fewer faces than this fraction (0 to 1) of the largest (0: keep all)',
+    )
     p.add_argument('--out', default=None, help='.ply, .obj or .glb file (default: <log_dir>/mesh.ply)')
-    p.prog = PROG    # errors name the script also when main() is called from Python
+    p.prog = PROG  # errors name the script also when main() is called from Python
     return p
 
 
@@ -78,16 +101,18 @@ def check_grid_size(n, free=None):
     if n < 2:
         return f'--grid_size must be at least 2, got {n}'
     free = available_memory() if free is None else free
-    budget = None if free is None else 0.8 * free        # leave room for the model, a chunk and the mesh
-    need = 4 * n ** 3
+    budget = None if free is None else 0.8 * free  # leave room for the model, a chunk and the mesh
+    need = 4 * n**3
     if budget is not None and need > budget:
         largest = int((budget / 4) ** (1 / 3))
         while 4 * (largest + 1) ** 3 <= budget:
             largest += 1
-        while largest > 2 and 4 * largest ** 3 > budget:
+        while largest > 2 and 4 * largest**3 > budget:
             largest -= 1
-        return (f'--grid_size {n}: its float32 grid needs {human_bytes(need)}, more than the '
-                f'{human_bytes(free)} of free memory here; use --grid_size {largest} or less')
+        return (
+            f'--grid_size {n}: its float32 grid needs {human_bytes(need)}, more than the '
+            f'{human_bytes(free)} of free memory here; use --grid_size {largest} or less'
+        )
     return None
 
 
@@ -100,15 +125,19 @@ def check_args(args):
     if problem:
         return problem
     if not 0 <= args.min_component <= 1:
-        return (f'--min_component must be between 0 and 1 (a fraction of the largest piece\'s faces; 0 keeps '
-                f'every piece), got {args.min_component:g}')
+        return (
+            f"--min_component must be between 0 and 1 (a fraction of the largest piece's faces; 0 keeps "
+            f'every piece), got {args.min_component:g}'
+        )
     if args.threshold is not None and not math.isfinite(args.threshold):
         return f'--threshold must be a finite number, got {args.threshold:g}'
     if args.bbox is not None:
         lo, hi = args.bbox[:3], args.bbox[3:]
         if not all(map(math.isfinite, args.bbox)) or any(b <= a for a, b in zip(lo, hi)):
-            return f'--bbox {" ".join(f"{v:g}" for v in args.bbox)}: give finite XMIN YMIN ZMIN XMAX YMAX ZMAX, ' \
-                   'each max above its min'
+            return (
+                f'--bbox {" ".join(f"{v:g}" for v in args.bbox)}: give finite XMIN YMIN ZMIN XMAX YMAX ZMAX, '
+                'each max above its min'
+            )
     return None
 
 
@@ -119,10 +148,11 @@ def main(argv=None):
         fail(problem)
     import ddp
     import runs
+
     out = args.out or os.path.join(args.log_dir, 'mesh.ply')
     made = []
     try:
-        with cli.stop_on_signals():   # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
+        with cli.stop_on_signals():  # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
             try:
                 model, cfg, ckpt, device, _ = runs.open_run(args)
             except (FileNotFoundError, ValueError) as e:
@@ -130,12 +160,19 @@ def main(argv=None):
             problem = None
             if ddp.is_main():
                 try:
-                    made = cli.prepare_out_dir(os.path.dirname(os.path.abspath(out)), cli.partial_path(out),
-                                               *(('--out', 'pick a writable place') if args.out else
-                                                 ('--log_dir', 'pass --out with a writable file name')), out)
+                    made = cli.prepare_out_dir(
+                        os.path.dirname(os.path.abspath(out)),
+                        cli.partial_path(out),
+                        *(
+                            ('--out', 'pick a writable place')
+                            if args.out
+                            else ('--log_dir', 'pass --out with a writable file name')
+                        ),
+                        out,
+                    )
                 except ValueError as e:
                     problem = str(e)
-            if ddp.any_rank([problem is not None], device)[0]:     # every rank stops, not only rank 0
+            if ddp.any_rank([problem is not None], device)[0]:  # every rank stops, not only rank 0
                 if problem:
                     fail(problem)
                 sys.exit(2)
@@ -144,7 +181,7 @@ def main(argv=None):
         sys.stderr.write(f'{PROG}: stopped by {e.name}; nothing written\n')
         sys.exit(e.exit_code)
     finally:
-        cli.remove_empty_dirs(made)       # a folder made here stays only if it holds the mesh
+        cli.remove_empty_dirs(made)  # a folder made here stays only if it holds the mesh
         ddp.cleanup()
 
 
@@ -156,6 +193,7 @@ def extract(args, out, model, cfg, ckpt, device):
 
     import ddp
     import meshing
+
     bbox = args.bbox or meshing.DEFAULT_BBOX.get(cfg.dataset_name, meshing.BLENDER_BBOX)
     lo, hi = np.array(bbox[:3]), np.array(bbox[3:])
     voxel = float(np.max((hi - lo) / (args.grid_size - 1)))
@@ -169,30 +207,39 @@ def extract(args, out, model, cfg, ckpt, device):
     if threshold is None:
         threshold, how = meshing.surface_threshold(grid, voxel)
     if not grid.min() < threshold < grid.max():
-        fail(f'no surface: the density ranges over [{grid.min():.3g}, {grid.max():.3g}] '
-             f'and the threshold is {threshold:g} ({how}); pick a --threshold inside that range')
+        fail(
+            f'no surface: the density ranges over [{grid.min():.3g}, {grid.max():.3g}] '
+            f'and the threshold is {threshold:g} ({how}); pick a --threshold inside that range'
+        )
     print(f'surface at density {threshold:.3g} ({how})')
     vertices, faces = meshing.grid_to_mesh(grid, lo, hi, threshold)
     del grid
     if len(faces) == 0:
-        fail(f'the mesh is empty: no surface at threshold {threshold:g} on the {args.grid_size}^3 grid; '
-             'try another --threshold or a larger --grid_size')
+        fail(
+            f'the mesh is empty: no surface at threshold {threshold:g} on the {args.grid_size}^3 grid; '
+            'try another --threshold or a larger --grid_size'
+        )
     mesh = meshing.remove_small_components(trimesh.Trimesh(vertices, faces, process=False), args.min_component)
     if len(mesh.faces) == 0:
-        fail(f'the mesh is empty after dropping the pieces smaller than --min_component {args.min_component:g} '
-             'of the largest; lower --min_component (0 keeps every piece)')
+        fail(
+            f'the mesh is empty after dropping the pieces smaller than --min_component {args.min_component:g} '
+            'of the largest; lower --min_component (0 keeps every piece)'
+        )
     if args.colors:
         pts = torch.tensor(mesh.vertices, dtype=torch.float32)
-        rgb = torch.cat([colors_fn(pts[i:i + args.chunk]).cpu() for i in range(0, len(pts), args.chunk)])
+        rgb = torch.cat([colors_fn(pts[i : i + args.chunk]).cpu() for i in range(0, len(pts), args.chunk)])
         mesh.visual.vertex_colors = np.concatenate(
-            [(rgb.numpy() * 255 + 0.5).astype(np.uint8), np.full((len(pts), 1), 255, np.uint8)], 1)
+            [(rgb.numpy() * 255 + 0.5).astype(np.uint8), np.full((len(pts), 1), 255, np.uint8)], 1
+        )
     try:
         with cli.atomic_output(out) as tmp:
             mesh.export(tmp)
     except OSError as e:
         fail(f'writing {out} failed ({e.strerror or e}); nothing written')
-    print(f'wrote {out}: {len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces '
-          f'(grid {args.grid_size}^3 over {bbox}, threshold {threshold:g}, step {ckpt["step"]})')
+    print(
+        f'wrote {out}: {len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces '
+        f'(grid {args.grid_size}^3 over {bbox}, threshold {threshold:g}, step {ckpt["step"]})'
+    )
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """Losses and image metrics."""
+
 import http.client
 import math
 import os
@@ -11,8 +12,8 @@ import torch
 def mse_to_psnr(mse):
     """PSNR in dB of a mean squared error, for images with maximum value 1."""
     if torch.is_tensor(mse):
-        return -10. * torch.log10(mse)
-    return -10. * math.log10(mse)
+        return -10.0 * torch.log10(mse)
+    return -10.0 * math.log10(mse)
 
 
 def weighted_mse(rgb, target, lossmult):
@@ -44,7 +45,7 @@ def mipnerf_loss(levels, target, lossmult, coarse_loss_mult=0.1):
 
 def level_weights(num_levels, coarse_loss_mult=0.1):
     """Each level's weight in the training loss: coarse_loss_mult, ..., coarse_loss_mult, 1."""
-    return [coarse_loss_mult] * (num_levels - 1) + [1.]
+    return [coarse_loss_mult] * (num_levels - 1) + [1.0]
 
 
 def total_loss(mses, coarse_loss_mult=0.1):
@@ -60,9 +61,13 @@ def ssim(img0, img1):
     population covariances, mean over the valid region and the channels).
     """
     from skimage.metrics import structural_similarity
+
     a, b = (x.detach().float().cpu().numpy() if torch.is_tensor(x) else x for x in (img0, img1))
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True,
-                                       sigma=1.5, use_sample_covariance=False))
+    return float(
+        structural_similarity(
+            a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+    )
 
 
 class LPIPS:
@@ -83,6 +88,7 @@ class LPIPS:
         stage = 'import'
         try:
             import lpips  # imports torchvision
+
             stage = 'build'
             with warnings.catch_warnings():  # lpips calls torchvision's legacy `pretrained=True`
                 warnings.filterwarnings('ignore', message=r'.*(pretrained|weights).* deprecated', category=UserWarning)
@@ -101,18 +107,25 @@ class LPIPS:
         """The one-line note for an LPIPS that failed to load with `e` at `stage` ('import' or 'build')."""
         error = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
         if isinstance(e, ModuleNotFoundError) and (e.name or '').split('.')[0] in ('lpips', 'torchvision'):
-            return (f'LPIPS skipped: the {e.name.split(".")[0]} package is not installed ({cls.INSTALL}; '
-                    f'its VGG16 weights, about {cls.VGG_MB} MB, then download once on first use)')
-        in_torchvision = any(f'{os.sep}torchvision{os.sep}' in frame.filename
-                             for frame in traceback.extract_tb(e.__traceback__))
+            return (
+                f'LPIPS skipped: the {e.name.split(".")[0]} package is not installed ({cls.INSTALL}; '
+                f'its VGG16 weights, about {cls.VGG_MB} MB, then download once on first use)'
+            )
+        in_torchvision = any(
+            f'{os.sep}torchvision{os.sep}' in frame.filename for frame in traceback.extract_tb(e.__traceback__)
+        )
         if stage == 'import' and (in_torchvision or 'torchvision' in str(e)):
-            return (f'LPIPS skipped: torchvision does not load with torch {torch.__version__} ({error}); install '
-                    f'the torchvision built for this torch, from the index torch came from (see requirements-eval.txt)')
+            return (
+                f'LPIPS skipped: torchvision does not load with torch {torch.__version__} ({error}); install '
+                f'the torchvision built for this torch, from the index torch came from (see requirements-eval.txt)'
+            )
         offline = isinstance(e, (OSError, http.client.HTTPException)) and not os.path.exists(cls.vgg_cache_path())
         if stage == 'build' and offline:
-            return (f'LPIPS skipped: its VGG16 weights could not be downloaded ({error}); '
-                    f'put {cls.VGG_URL} ({cls.VGG_MB} MB) at {cls.vgg_cache_path()} '
-                    f'(torch.hub cache: $TORCH_HOME/hub, default ~/.cache/torch/hub)')
+            return (
+                f'LPIPS skipped: its VGG16 weights could not be downloaded ({error}); '
+                f'put {cls.VGG_URL} ({cls.VGG_MB} MB) at {cls.vgg_cache_path()} '
+                f'(torch.hub cache: $TORCH_HOME/hub, default ~/.cache/torch/hub)'
+            )
         return f'LPIPS skipped: {error}'
 
     @property
@@ -124,6 +137,7 @@ class LPIPS:
 
         def to(x):
             return x.float().to(self.device).permute(2, 0, 1)[None] * 2 - 1
+
         return float(self.fn(to(img0), to(img1)))
 
 
@@ -133,5 +147,5 @@ def average_error(psnr, ssim_value, lpips_value):
     the geometric mean of MSE = 10^(-PSNR/10) (the MSE of the mean PSNR),
     sqrt(1 - SSIM) and LPIPS.
     """
-    mse = 10. ** (-psnr / 10.)
+    mse = 10.0 ** (-psnr / 10.0)
     return math.exp((math.log(mse) + math.log(math.sqrt(max(1 - ssim_value, 1e-12))) + math.log(lpips_value)) / 3)

@@ -8,6 +8,7 @@
 Each grid point is featurized as the Gaussian of its voxel (a uniform cube of
 side s has per-axis variance s^2 / 12).
 """
+
 import mcubes
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import ddp
 import ray_utils
 
 # The box of a dataset: the NDC cube for LLFF (the mesh is then in NDC), [-1.5, 1.5]^3 otherwise.
-DEFAULT_BBOX = {'llff': (-1., -1., -1., 1., 1., 1.)}
+DEFAULT_BBOX = {'llff': (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)}
 BLENDER_BBOX = (-1.5, -1.5, -1.5, 1.5, 1.5, 1.5)
 
 
@@ -38,19 +39,20 @@ def density_grid(density_fn, bbox_min, bbox_max, n, chunk=1 << 18, device='cpu',
     rank, world, main = ddp.rank(), ddp.world_size(), ddp.is_main()
     axes = [torch.tensor(a, dtype=torch.float32, device=device) for a in grid_points(bbox_min, bbox_max, n)]
     grid = np.empty((n, n, n), dtype=np.float32) if main else None
-    rows = max(1, chunk // (n * n))   # x-slabs per block
+    rows = max(1, chunk // (n * n))  # x-slabs per block
     starts = list(range(0, n, rows))
-    for first in tqdm(range(0, len(starts), world), desc='density grid', disable=not (progress and main),
-                      dynamic_ncols=True):
+    for first in tqdm(
+        range(0, len(starts), world), desc='density grid', disable=not (progress and main), dynamic_ncols=True
+    ):
         block, values = first + rank, None
         if block < len(starts):
-            xs = axes[0][starts[block]:starts[block] + rows]
+            xs = axes[0][starts[block] : starts[block] + rows]
             pts = torch.stack(torch.meshgrid(xs, axes[1], axes[2], indexing='ij'), -1).reshape(-1, 3)
             values = torch.cat([density_fn(p).float().cpu() for p in pts.split(chunk)])
             values = values.reshape(len(xs), n, n).numpy()
         for k, v in ddp.gather((block, values)) or []:
             if v is not None:
-                grid[starts[k]:starts[k] + len(v)] = v
+                grid[starts[k] : starts[k] + len(v)] = v
     return grid
 
 
@@ -59,8 +61,8 @@ def grid_to_mesh(grid, bbox_min, bbox_max, threshold):
     vertices, faces = mcubes.marching_cubes(grid, threshold)
     n = np.array(grid.shape, dtype=np.float64)
     lo, hi = np.asarray(bbox_min, np.float64), np.asarray(bbox_max, np.float64)
-    vertices = lo + vertices * (hi - lo) / (n - 1)        # index i sits at lo + i * voxel
-    return vertices, faces    # PyMCubes winds faces outwards (towards decreasing density)
+    vertices = lo + vertices * (hi - lo) / (n - 1)  # index i sits at lo + i * voxel
+    return vertices, faces  # PyMCubes winds faces outwards (towards decreasing density)
 
 
 def remove_small_components(mesh, min_fraction):
@@ -85,7 +87,7 @@ def remove_small_components(mesh, min_fraction):
 def model_fns(model, voxel_size):
     """Density of points as voxel Gaussians, and colours seen from outside along the normal."""
     device = next(model.parameters()).device
-    var = voxel_size ** 2 / 12
+    var = voxel_size**2 / 12
 
     def encode_view(dirs):
         return ray_utils.pos_enc(dirs, 0, model.args.deg_view, True) if model.args.use_viewdirs else None
@@ -100,12 +102,13 @@ def model_fns(model, voxel_size):
         with torch.enable_grad():
             p = points.to(device).requires_grad_(True)
             d = density(p)
-            grad, = torch.autograd.grad(d.sum(), p)
+            (grad,) = torch.autograd.grad(d.sum(), p)
         normal = -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cov = torch.full_like(p, var)
         with torch.no_grad():
             rgb = model.query(p.detach()[:, None], cov[:, None], encode_view(-normal))[0][:, 0]
         return rgb.clamp(0, 1)
+
     return density, colors
 
 

@@ -5,6 +5,7 @@ Architecture and defaults follow the paper and the official release
 `config.ModelArgs` (any object with its fields), which every checkpoint
 carries, so a checkpoint alone rebuilds it (`runs.load_model`).
 """
+
 import contextlib
 
 import torch
@@ -16,7 +17,7 @@ import ray_utils
 
 def _dense(in_features, out_features):
     layer = nn.Linear(in_features, out_features)
-    nn.init.xavier_uniform_(layer.weight)   # glorot_uniform, as the official release
+    nn.init.xavier_uniform_(layer.weight)  # glorot_uniform, as the official release
     nn.init.zeros_(layer.bias)
     return layer
 
@@ -84,8 +85,8 @@ class MLP(nn.Module):
             bottleneck = self.bottleneck(x)
             first, *rest = self.condition
             w = first.weight
-            per_ray = F.linear(cond, w[:, bottleneck.shape[-1]:], first.bias)
-            x = F.relu(F.linear(bottleneck, w[:, :bottleneck.shape[-1]]) + per_ray[..., None, :], inplace=True)
+            per_ray = F.linear(cond, w[:, bottleneck.shape[-1] :], first.bias)
+            x = F.relu(F.linear(bottleneck, w[:, : bottleneck.shape[-1]]) + per_ray[..., None, :], inplace=True)
             for layer in rest:
                 x = F.relu(layer(x), inplace=True)
         return self.rgb(x), raw_density
@@ -104,7 +105,7 @@ class MipNeRF(nn.Module):
         super().__init__()
         self.args = args
         self.randomized = randomized
-        self.bf16 = False   # the MLP under bfloat16 autocast (runs.set_precision); the rest stays float32
+        self.bf16 = False  # the MLP under bfloat16 autocast (runs.set_precision); the rest stays float32
         a = self.args
         x_dim = 2 * 3 * (a.max_deg_point - a.min_deg_point)
         cond_dim = 3 + 2 * 3 * a.deg_view if a.use_viewdirs else 0
@@ -135,25 +136,42 @@ class MipNeRF(nn.Module):
         a = self.args
         randomized = self.randomized and self.training
         view_enc = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True) if a.use_viewdirs else None
-        weights = None   # the previous level's, for resampling
+        weights = None  # the previous level's, for resampling
         for level in range(a.num_levels):
             if level == 0:
                 t_vals, (mean, cov) = ray_utils.sample_along_rays(
-                    rays.origins, rays.directions, rays.radii, a.num_samples,
-                    rays.near, rays.far, randomized, a.lindisp, a.ray_shape)
+                    rays.origins,
+                    rays.directions,
+                    rays.radii,
+                    a.num_samples,
+                    rays.near,
+                    rays.far,
+                    randomized,
+                    a.lindisp,
+                    a.ray_shape,
+                )
             else:
                 t_vals, (mean, cov) = ray_utils.resample_along_rays(
-                    rays.origins, rays.directions, rays.radii, t_vals, weights,
-                    randomized, a.ray_shape, a.resample_padding, a.stop_level_grad)
+                    rays.origins,
+                    rays.directions,
+                    rays.radii,
+                    t_vals,
+                    weights,
+                    randomized,
+                    a.ray_shape,
+                    a.resample_padding,
+                    a.stop_level_grad,
+                )
             want_normals = normals and level == a.num_levels - 1
             with torch.enable_grad() if want_normals else contextlib.nullcontext():
                 if want_normals:
                     mean = mean.detach().requires_grad_(True)
                 rgb, density = self.query(mean, cov, view_enc, randomized)
                 if want_normals:
-                    grad, = torch.autograd.grad(density.sum(), mean)
+                    (grad,) = torch.autograd.grad(density.sum(), mean)
             comp_rgb, distance, acc, weights = ray_utils.volumetric_rendering(
-                rgb, density.detach() if want_normals else density, t_vals, rays.directions, a.white_bkgd)
+                rgb, density.detach() if want_normals else density, t_vals, rays.directions, a.white_bkgd
+            )
             out = (comp_rgb, distance, acc)
             if want_normals:
                 n = -grad / torch.linalg.norm(grad, dim=-1, keepdim=True).clamp_min(1e-12)

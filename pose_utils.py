@@ -5,6 +5,7 @@ Pure tensor functions. A pose is a camera-to-world matrix `[..., 3, 4]`
 looks down its -z axis, +y is up in the image, +x to the right, and t is the
 camera centre in world coordinates.
 """
+
 import math
 
 import torch
@@ -26,7 +27,7 @@ def look_at(eye, target, up):
       `[..., 3, 4]` camera-to-world matrices.
     """
     eye, target, up = torch.broadcast_tensors(eye, target, up)
-    back = normalize(eye - target)            # camera +z points away from the target
+    back = normalize(eye - target)  # camera +z points away from the target
     right = normalize(torch.linalg.cross(up, back, dim=-1))
     cam_up = torch.linalg.cross(back, right, dim=-1)
     return torch.stack([right, cam_up, back, eye], dim=-1)
@@ -48,9 +49,9 @@ def spherical_pose(azimuth_deg, elevation_deg, radius, dtype=torch.float32, devi
     el = torch.as_tensor(elevation_deg, dtype=dtype, device=device) * (math.pi / 180)
     az, el = torch.broadcast_tensors(az, el)
     eye = radius * torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1)
-    up = torch.tensor([0., 0., 1.], dtype=dtype, device=device).expand_as(eye)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device).expand_as(eye)
     # Straight above or below, z is parallel to the view: use +y as up there.
-    alt_up = torch.tensor([0., 1., 0.], dtype=dtype, device=device).expand_as(eye)
+    alt_up = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device).expand_as(eye)
     vertical = (torch.cos(el).abs() < 1e-6)[..., None]
     up = torch.where(vertical, alt_up, up)
     return look_at(eye, torch.zeros_like(eye), up)
@@ -83,22 +84,22 @@ def recenter_poses(poses):
     return (torch.linalg.inv(avg) @ to_homogeneous(poses))[:, :3, :4]
 
 
-def spherical_path(n_frames, radius, elevation_deg=30., dtype=torch.float32, device=None):
+def spherical_path(n_frames, radius, elevation_deg=30.0, dtype=torch.float32, device=None):
     """A 360-degree orbit around the origin at `radius`, `elevation_deg` above the
     xy-plane (Blender and Multicam scenes, z up). Returns `[n_frames, 3, 4]`."""
-    azimuth = torch.linspace(0., 360., n_frames + 1, dtype=torch.float64)[:-1]
+    azimuth = torch.linspace(0.0, 360.0, n_frames + 1, dtype=torch.float64)[:-1]
     return spherical_pose(azimuth, torch.full_like(azimuth, elevation_deg), radius).to(dtype=dtype, device=device)
 
 
-def zoom_path(n_frames, radius_near, radius_far, elevation_deg=30., n_rots=1.):
+def zoom_path(n_frames, radius_near, radius_far, elevation_deg=30.0, n_rots=1.0):
     """An orbit whose distance to the origin swings from `radius_far` to
     `radius_near` and back (geometrically, so the pixel footprint on the object
     changes at a steady rate): one zoom in and out over `n_rots` turns.
     Returns `[n_frames, 3, 4]`."""
     s = torch.arange(n_frames, dtype=torch.float64) / n_frames
-    blend = 0.5 * (1 - torch.cos(2 * math.pi * s))        # 0 -> 1 -> 0
+    blend = 0.5 * (1 - torch.cos(2 * math.pi * s))  # 0 -> 1 -> 0
     radius = radius_far * (radius_near / radius_far) ** blend
-    azimuth = 360. * n_rots * s
+    azimuth = 360.0 * n_rots * s
     poses = spherical_pose(azimuth, torch.full_like(azimuth, elevation_deg), 1.0, dtype=torch.float64)
     poses[:, :, 3] *= radius[:, None]
     return poses.float()
@@ -118,16 +119,20 @@ def spiral_path(poses, bounds, n_frames=120, n_rots=2, zrate=0.5):
     poses, bounds = poses.double(), bounds.double()
     c2w = poses_avg(poses)
     up = normalize(poses[:, :, 1].sum(0))
-    close_depth, inf_depth = bounds.min() * 0.9, bounds.max() * 5.
+    close_depth, inf_depth = bounds.min() * 0.9, bounds.max() * 5.0
     dt = 0.75
-    focus = 1. / ((1. - dt) / close_depth + dt / inf_depth)
+    focus = 1.0 / ((1.0 - dt) / close_depth + dt / inf_depth)
     rads = torch.quantile(poses[:, :, 3].abs(), 0.9, dim=0)
     rads = torch.cat([rads, torch.ones(1, dtype=rads.dtype)])
     out = []
-    for theta in torch.linspace(0., 2. * math.pi * n_rots, n_frames + 1, dtype=torch.float64)[:-1]:
-        offset = torch.stack([torch.cos(theta), -torch.sin(theta), -torch.sin(theta * zrate),
-                              torch.ones((), dtype=theta.dtype)]) * rads
+    for theta in torch.linspace(0.0, 2.0 * math.pi * n_rots, n_frames + 1, dtype=torch.float64)[:-1]:
+        offset = (
+            torch.stack(
+                [torch.cos(theta), -torch.sin(theta), -torch.sin(theta * zrate), torch.ones((), dtype=theta.dtype)]
+            )
+            * rads
+        )
         centre = c2w @ offset
-        target = c2w @ torch.tensor([0., 0., -focus, 1.], dtype=c2w.dtype)
+        target = c2w @ torch.tensor([0.0, 0.0, -focus, 1.0], dtype=c2w.dtype)
         out.append(viewmatrix(centre - target, up, centre))
     return torch.stack(out).float()

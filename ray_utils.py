@@ -15,13 +15,13 @@ JAX release google/mipnerf):
   cov     Gaussian covariances, diagonal `[..., S, 3]` or full
           `[..., S, 3, 3]`.
 """
+
 import math
 from collections import namedtuple
 
 import torch
 
-Rays = namedtuple(
-    'Rays', ('origins', 'directions', 'viewdirs', 'radii', 'lossmult', 'near', 'far'))
+Rays = namedtuple('Rays', ('origins', 'directions', 'viewdirs', 'radii', 'lossmult', 'near', 'far'))
 Rays.__doc__ = """A bundle of rays; every field has the same leading shape `[...]`.
 
 origins, directions, viewdirs: `[..., 3]`; radii, lossmult, near, far: `[..., 1]`.
@@ -35,6 +35,7 @@ def namedtuple_map(fn, tup):
 
 # ----------------------------------------------------------------------------
 # Cameras.
+
 
 def pixel_rays(pix2cam, cam2world, x, y):
     """Rays through pixel positions of pinhole cameras (pixel centres at +0.5).
@@ -76,12 +77,12 @@ def pinhole_pix2cam(focal, width, height, dtype=torch.float32, device=None):
     Pixel (x + 0.5, y + 0.5) maps to ((x + 0.5 - W/2) / f, -(y + 0.5 - H/2) / f, -1).
     """
     f = float(focal)
-    return torch.tensor([[1 / f, 0, -0.5 * width / f],
-                         [0, -1 / f, 0.5 * height / f],
-                         [0, 0, -1]], dtype=dtype, device=device)
+    return torch.tensor(
+        [[1 / f, 0, -0.5 * width / f], [0, -1 / f, 0.5 * height / f], [0, 0, -1]], dtype=dtype, device=device
+    )
 
 
-def convert_to_ndc(origins, directions, focal, width, height, near=1.):
+def convert_to_ndc(origins, directions, focal, width, height, near=1.0):
     """Warp world-space rays of a forward-facing camera into NDC (NeRF App. C).
 
     Origins are first moved along their rays to the plane z = -near; the
@@ -109,6 +110,7 @@ def convert_to_ndc(origins, directions, focal, width, height, near=1.):
 # ----------------------------------------------------------------------------
 # Gaussians of conical frustums and cylinders (Sec. 3.1, Eq. 7 and App. A).
 
+
 def lift_gaussian(d, t_mean, t_var, r_var, diag):
     """Lift a Gaussian along the ray axis `d` to a 3D Gaussian.
 
@@ -122,9 +124,9 @@ def lift_gaussian(d, t_mean, t_var, r_var, diag):
       mean `[..., S, 3]`, cov `[..., S, 3]` (diag) or `[..., S, 3, 3]`.
     """
     mean = d[..., None, :] * t_mean[..., None]
-    d_mag_sq = torch.clamp_min(torch.sum(d ** 2, dim=-1, keepdim=True), 1e-10)
+    d_mag_sq = torch.clamp_min(torch.sum(d**2, dim=-1, keepdim=True), 1e-10)
     if diag:
-        d_outer_diag = d ** 2
+        d_outer_diag = d**2
         null_outer_diag = 1 - d_outer_diag / d_mag_sq
         cov = t_var[..., None] * d_outer_diag[..., None, :] + r_var[..., None] * null_outer_diag[..., None, :]
         return mean, cov
@@ -153,15 +155,15 @@ def conical_frustum_to_gaussian(d, t0, t1, base_radius, diag, stable=True):
     if stable:
         mu = (t0 + t1) / 2
         hw = (t1 - t0) / 2
-        denom = 3 * mu ** 2 + hw ** 2
-        t_mean = mu + (2 * mu * hw ** 2) / denom
-        t_var = hw ** 2 / 3 - (4 / 15) * (hw ** 4 * (12 * mu ** 2 - hw ** 2)) / denom ** 2
-        r_var = base_radius ** 2 * (mu ** 2 / 4 + (5 / 12) * hw ** 2 - (4 / 15) * hw ** 4 / denom)
+        denom = 3 * mu**2 + hw**2
+        t_mean = mu + (2 * mu * hw**2) / denom
+        t_var = hw**2 / 3 - (4 / 15) * (hw**4 * (12 * mu**2 - hw**2)) / denom**2
+        r_var = base_radius**2 * (mu**2 / 4 + (5 / 12) * hw**2 - (4 / 15) * hw**4 / denom)
     else:
-        t_mean = (3 * (t1 ** 4 - t0 ** 4)) / (4 * (t1 ** 3 - t0 ** 3))
-        r_var = base_radius ** 2 * (3 / 20 * (t1 ** 5 - t0 ** 5) / (t1 ** 3 - t0 ** 3))
-        t_mosq = 3 / 5 * (t1 ** 5 - t0 ** 5) / (t1 ** 3 - t0 ** 3)
-        t_var = t_mosq - t_mean ** 2
+        t_mean = (3 * (t1**4 - t0**4)) / (4 * (t1**3 - t0**3))
+        r_var = base_radius**2 * (3 / 20 * (t1**5 - t0**5) / (t1**3 - t0**3))
+        t_mosq = 3 / 5 * (t1**5 - t0**5) / (t1**3 - t0**3)
+        t_var = t_mosq - t_mean**2
     return lift_gaussian(d, t_mean, t_var, r_var, diag)
 
 
@@ -175,7 +177,7 @@ def cylinder_to_gaussian(d, t0, t1, radius, diag):
       mean `[..., S, 3]`, cov `[..., S, 3]` or `[..., S, 3, 3]`.
     """
     t_mean = (t0 + t1) / 2
-    r_var = radius ** 2 / 4
+    r_var = radius**2 / 4
     t_var = (t1 - t0) ** 2 / 12
     return lift_gaussian(d, t_mean, t_var, r_var, diag)
 
@@ -204,6 +206,7 @@ def cast_rays(t_vals, origins, directions, radii, ray_shape, diag=True):
 
 # ----------------------------------------------------------------------------
 # Positional encodings (Sec. 3.1, Eq. 14).
+
 
 def _scales(min_deg, max_deg, like):
     return 2.0 ** torch.arange(min_deg, max_deg, dtype=like.dtype, device=like.device)
@@ -248,8 +251,10 @@ def integrated_pos_enc(mean, cov_diag, min_deg, max_deg):
 # ----------------------------------------------------------------------------
 # Sampling along rays.
 
-def sample_along_rays(origins, directions, radii, num_samples, near, far,
-                      randomized, lindisp, ray_shape, generator=None):
+
+def sample_along_rays(
+    origins, directions, radii, num_samples, near, far, randomized, lindisp, ray_shape, generator=None
+):
     """Stratified sampling of S = num_samples intervals between near and far.
 
     Args:
@@ -261,11 +266,11 @@ def sample_along_rays(origins, directions, radii, num_samples, near, far,
     Returns:
       t_vals `[..., S+1]`, (mean `[..., S, 3]`, cov_diag `[..., S, 3]`).
     """
-    u = torch.linspace(0., 1., num_samples + 1, dtype=origins.dtype, device=origins.device)
+    u = torch.linspace(0.0, 1.0, num_samples + 1, dtype=origins.dtype, device=origins.device)
     if lindisp:
-        t_vals = 1. / (1. / near * (1. - u) + 1. / far * u)
+        t_vals = 1.0 / (1.0 / near * (1.0 - u) + 1.0 / far * u)
     else:
-        t_vals = near * (1. - u) + far * u
+        t_vals = near * (1.0 - u) + far * u
     t_vals = torch.broadcast_to(t_vals, origins.shape[:-1] + (num_samples + 1,))
     if randomized:
         mids = 0.5 * (t_vals[..., 1:] + t_vals[..., :-1])
@@ -298,18 +303,25 @@ def sorted_piecewise_constant_pdf(bins, weights, num_samples, randomized, genera
     pdf = weights / weight_sum
     cdf = torch.clamp_max(torch.cumsum(pdf[..., :-1], dim=-1), 1)
     batch = cdf.shape[:-1]
-    cdf = torch.cat([torch.zeros(batch + (1,), dtype=cdf.dtype, device=cdf.device), cdf,
-                     torch.ones(batch + (1,), dtype=cdf.dtype, device=cdf.device)], dim=-1)
+    cdf = torch.cat(
+        [
+            torch.zeros(batch + (1,), dtype=cdf.dtype, device=cdf.device),
+            cdf,
+            torch.ones(batch + (1,), dtype=cdf.dtype, device=cdf.device),
+        ],
+        dim=-1,
+    )
 
     float_eps = torch.finfo(torch.float32).eps
     if randomized:
         s = 1 / num_samples
         u = torch.arange(num_samples, dtype=cdf.dtype, device=cdf.device) * s
-        u = u + torch.rand(batch + (num_samples,), dtype=cdf.dtype, device=cdf.device,
-                           generator=generator) * (s - float_eps)
-        u = torch.clamp_max(u, 1. - float_eps)
+        u = u + torch.rand(batch + (num_samples,), dtype=cdf.dtype, device=cdf.device, generator=generator) * (
+            s - float_eps
+        )
+        u = torch.clamp_max(u, 1.0 - float_eps)
     else:
-        u = torch.linspace(0., 1. - float_eps, num_samples, dtype=cdf.dtype, device=cdf.device)
+        u = torch.linspace(0.0, 1.0 - float_eps, num_samples, dtype=cdf.dtype, device=cdf.device)
         u = torch.broadcast_to(u, batch + (num_samples,)).contiguous()
 
     # The interval of u is [cdf[i], cdf[i+1]) with i the last index with
@@ -320,12 +332,13 @@ def sorted_piecewise_constant_pdf(bins, weights, num_samples, randomized, genera
     bins_g1 = torch.gather(bins, -1, idx + 1)
     cdf_g0 = torch.gather(cdf, -1, idx)
     cdf_g1 = torch.gather(cdf, -1, idx + 1)
-    t = torch.clamp(torch.nan_to_num((u - cdf_g0) / (cdf_g1 - cdf_g0), 0.), 0, 1)
+    t = torch.clamp(torch.nan_to_num((u - cdf_g0) / (cdf_g1 - cdf_g0), 0.0), 0, 1)
     return bins_g0 + t * (bins_g1 - bins_g0)
 
 
-def resample_along_rays(origins, directions, radii, t_vals, weights, randomized,
-                        ray_shape, resample_padding, stop_grad=True, generator=None):
+def resample_along_rays(
+    origins, directions, radii, t_vals, weights, randomized, ray_shape, resample_padding, stop_grad=True, generator=None
+):
     """Hierarchical resampling of the fine level from the coarse weights.
 
     The weights are blurred with a 2-tap max then a 2-tap average ("blurpool",
@@ -345,12 +358,14 @@ def resample_along_rays(origins, directions, radii, t_vals, weights, randomized,
         weights_max = torch.maximum(weights_pad[..., :-1], weights_pad[..., 1:])
         weights_blur = 0.5 * (weights_max[..., :-1] + weights_max[..., 1:])
         new_t_vals = sorted_piecewise_constant_pdf(
-            t_vals, weights_blur + resample_padding, t_vals.shape[-1], randomized, generator)
+            t_vals, weights_blur + resample_padding, t_vals.shape[-1], randomized, generator
+        )
     return new_t_vals, cast_rays(new_t_vals, origins, directions, radii, ray_shape)
 
 
 # ----------------------------------------------------------------------------
 # Volume rendering (Eq. 3 of NeRF, Mildenhall et al. 2020).
+
 
 def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
     """Alpha-composite S intervals along each ray.
@@ -372,8 +387,9 @@ def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
     delta = t_dists * torch.linalg.norm(dirs[..., None, :], dim=-1)
     density_delta = density * delta
     alpha = 1 - torch.exp(-density_delta)
-    trans = torch.exp(-torch.cat([torch.zeros_like(density_delta[..., :1]),
-                                  torch.cumsum(density_delta[..., :-1], dim=-1)], dim=-1))
+    trans = torch.exp(
+        -torch.cat([torch.zeros_like(density_delta[..., :1]), torch.cumsum(density_delta[..., :-1], dim=-1)], dim=-1)
+    )
     weights = alpha * trans
     comp_rgb = (weights[..., None] * rgb).sum(dim=-2)
     acc = weights.sum(dim=-1)
@@ -383,5 +399,5 @@ def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
     distance = torch.where(acc > 0, distance, t_near)
     distance = torch.minimum(torch.maximum(distance, t_near), t_far)
     if white_bkgd:
-        comp_rgb = comp_rgb + (1. - acc[..., None])
+        comp_rgb = comp_rgb + (1.0 - acc[..., None])
     return comp_rgb, distance, acc, weights

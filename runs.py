@@ -12,6 +12,7 @@ errors (`read_checkpoint`); `latest_checkpoint` falls back past unreadable
 ones. `open_run` is what eval.py, visualize.py and extract_mesh.py need of a
 run: the model, its config and, on request, a split of its scene.
 """
+
 import argparse
 import dataclasses
 import os
@@ -33,13 +34,13 @@ RESUME_KEYS = MODEL_KEYS + ('optimizer', 'schedule')
 # ----------------------------------------------------------------------------
 # Device and speed.
 
+
 def resolve_device(name):
     """torch.device for --device (auto: CUDA when present); ConfigError when it is not here."""
     config.check_device_name(name)
     if name.startswith('cuda') and not torch.cuda.is_available():
         raise config.ConfigError(f'--device {name}: CUDA is not available here; use --device cpu or auto')
-    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else
-                        'cpu' if name == 'auto' else name)
+    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
 
 
 def set_precision(model, precision, compile=False):
@@ -58,12 +59,14 @@ def set_precision(model, precision, compile=False):
 
 def build_model(cfg):
     """The network of a config (randomized as --randomized), at its precision."""
-    return set_precision(MipNeRF(config.ModelArgs.from_config(cfg), randomized=cfg.randomized),
-                         cfg.precision, cfg.compile)
+    return set_precision(
+        MipNeRF(config.ModelArgs.from_config(cfg), randomized=cfg.randomized), cfg.precision, cfg.compile
+    )
 
 
 # ----------------------------------------------------------------------------
 # Checkpoints.
+
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f'ckpt_{step:07d}.pt')
@@ -102,7 +105,9 @@ def read_checkpoint(path, device='cpu', keys=MODEL_KEYS):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # truncated, empty, not a checkpoint, ...
         reason = str(e).splitlines()[0][:80] if str(e) else ''
-        raise ValueError(f'checkpoint {path} is unreadable ({type(e).__name__}{": " + reason if reason else ""})') from None
+        raise ValueError(
+            f'checkpoint {path} is unreadable ({type(e).__name__}{": " + reason if reason else ""})'
+        ) from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f'{path} is not a checkpoint of train.py (no {", ".join(missing)})')
@@ -133,8 +138,10 @@ def load_model(ckpt, device='cpu'):
         model = MipNeRF(config.ModelArgs(**ckpt['model_args']), randomized=False)
         model.load_state_dict(ckpt['model'])
     except (TypeError, RuntimeError) as e:
-        raise ValueError(f'checkpoint {ckpt["path"]} does not match this code\'s network '
-                         f'({type(e).__name__}: {str(e).splitlines()[0][:80]})') from None
+        raise ValueError(
+            f"checkpoint {ckpt['path']} does not match this code's network "
+            f'({type(e).__name__}: {str(e).splitlines()[0][:80]})'
+        ) from None
     return model.to(device).eval()
 
 
@@ -163,12 +170,21 @@ def load_run(path, device='cpu'):
 def checkpoint(state, rank_states=None):
     """The checkpoint of a train_utils.TrainState; `rank_states`: every rank's sampler and RNG states
     (ddp.gather), which a resume with as many processes continues exactly."""
-    c = {'step': state.step, 'model_args': dataclasses.asdict(state.model.args), 'config': vars(state.cfg),
-         'model': state.model.state_dict(), 'optimizer': state.optimizer.state_dict(),
-         'schedule': state.schedule.state_dict()}
+    c = {
+        'step': state.step,
+        'model_args': dataclasses.asdict(state.model.args),
+        'config': vars(state.cfg),
+        'model': state.model.state_dict(),
+        'optimizer': state.optimizer.state_dict(),
+        'schedule': state.schedule.state_dict(),
+    }
     if rank_states is not None:
-        c.update(sampler=rank_states[0]['sampler'], rng=rank_states[0]['rng'],
-                 rank_states=rank_states if len(rank_states) > 1 else None, world_size=len(rank_states))
+        c.update(
+            sampler=rank_states[0]['sampler'],
+            rng=rank_states[0]['rng'],
+            rank_states=rank_states if len(rank_states) > 1 else None,
+            world_size=len(rank_states),
+        )
     return c
 
 
@@ -193,6 +209,7 @@ def restore(state, ckpt, with_rng):
 # ----------------------------------------------------------------------------
 # Random streams.
 
+
 def rng_state():
     state = {'cpu': torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -209,6 +226,7 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------
 # What the output scripts need of a run.
+
 
 def open_run(args, split=None):
     """What a script needs from a trained run, given `config.run_parser` flags.

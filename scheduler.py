@@ -1,8 +1,9 @@
 """Learning-rate schedule of the official release: log-linear decay with a delayed warm-up."""
+
 import math
 
 
-def learning_rate(step, lr_init, lr_final, max_steps, lr_delay_steps=0, lr_delay_mult=1.):
+def learning_rate(step, lr_init, lr_final, max_steps, lr_delay_steps=0, lr_delay_mult=1.0):
     """The learning rate at `step`, a pure function of the step.
 
     Log-linear interpolation from `lr_init` at step 0 to `lr_final` at
@@ -11,11 +12,11 @@ def learning_rate(step, lr_init, lr_final, max_steps, lr_delay_steps=0, lr_delay
     at `lr_delay_steps` and after.
     """
     if lr_delay_steps > 0:
-        frac = min(max(step / lr_delay_steps, 0.), 1.)
+        frac = min(max(step / lr_delay_steps, 0.0), 1.0)
         delay_rate = lr_delay_mult + (1 - lr_delay_mult) * math.sin(0.5 * math.pi * frac)
     else:
-        delay_rate = 1.
-    t = min(max(step / max_steps, 0.), 1.)
+        delay_rate = 1.0
+    t = min(max(step / max_steps, 0.0), 1.0)
     return delay_rate * math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
 
 
@@ -26,13 +27,12 @@ class Schedule:
     schedule's only state and is saved with checkpoints.
     """
 
-    def __init__(self, cfg, scale=1.):
+    def __init__(self, cfg, scale=1.0):
         self.cfg, self.scale = cfg, scale
 
     def __call__(self, step):
         c = self.cfg
-        return self.scale * learning_rate(step, c.lr_init, c.lr_final, c.max_steps, c.lr_delay_steps,
-                                          c.lr_delay_mult)
+        return self.scale * learning_rate(step, c.lr_init, c.lr_final, c.max_steps, c.lr_delay_steps, c.lr_delay_mult)
 
     def apply(self, optimizer, step):
         """Set the optimizer's rate for `step`; returns it."""

@@ -14,6 +14,7 @@ is not finite is skipped, and after `max_nonfinite` of them in a row the last
 checkpoint is reloaded with half the learning rate. The loop's pieces are in
 train_utils.py; torch loads only once the flags are known to be good.
 """
+
 import os
 import sys
 import time
@@ -30,21 +31,22 @@ def main(argv=None):
     existed = os.path.isdir(cfg.log_dir)
     import datasets
     import ddp
+
     try:
         try:
             with cli.stop_on_signals(defer=True) as signals:
                 run(cfg, signals)
         except (config.ConfigError, datasets.DataError) as e:
             cli.fail(PROG, e)
-        except cli.Stopped as e:     # a second Ctrl-C: stop at once, without saving
+        except cli.Stopped as e:  # a second Ctrl-C: stop at once, without saving
             sys.stderr.write(f'{PROG}: stopped at once by a second {e.name}; the last checkpoint is kept\n')
             sys.exit(e.exit_code)
-    except SystemExit as e:   # a refusal before anything was written leaves no empty --log_dir behind
+    except SystemExit as e:  # a refusal before anything was written leaves no empty --log_dir behind
         if e.code not in (0, None) and not existed and os.path.isdir(cfg.log_dir) and not os.listdir(cfg.log_dir):
             os.rmdir(cfg.log_dir)
         raise
     finally:
-        ddp.cleanup()   # after the DDP wrapper is gone (ddp.cleanup says why)
+        ddp.cleanup()  # after the DDP wrapper is gone (ddp.cleanup says why)
 
 
 def run(cfg, signals):
@@ -53,33 +55,35 @@ def run(cfg, signals):
 
     import ddp
     import train_utils as tu
+
     state = tu.setup(cfg)
     if state is None:
         return
     main = state.main
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc='train', dynamic_ncols=True,
-               disable=None if main else True)   # None: off when the output is not a terminal
+    bar = tqdm(
+        total=cfg.max_steps, initial=state.step, desc='train', dynamic_ncols=True, disable=None if main else True
+    )  # None: off when the output is not a terminal
     while True:
         # One decision for all ranks: a signal anywhere, or the time budget spent.
         out_of_time = main and cfg.max_minutes > 0 and state.train_seconds() > 60 * cfg.max_minutes
         signalled, out_of_time = ddp.any_rank([signals.signum is not None, out_of_time], state.device)
         if state.step >= cfg.max_steps or signalled or out_of_time:
             break
-        loss, psnrs, grad_norm, finite = tu.train_step(state.net, state.optimizer, state.schedule, state.sampler,
-                                                       cfg, state.step)
+        loss, psnrs, grad_norm, finite = tu.train_step(
+            state.net, state.optimizer, state.schedule, state.sampler, cfg, state.step
+        )
         if not finite:
             state.nonfinite += 1
             if main:
                 state.writer.add_scalar('train/nonfinite_skipped', state.nonfinite, state.step)
-                tqdm.write(f'step {state.step}: non-finite loss or gradient; step skipped '
-                           f'({state.nonfinite} in a row)')
+                tqdm.write(f'step {state.step}: non-finite loss or gradient; step skipped ({state.nonfinite} in a row)')
             if state.nonfinite >= cfg.max_nonfinite:
                 bar.update(tu.recover(state))
             continue
         state.nonfinite = 0
         state.step += 1
         bar.update(1)
-        state.window[1:] = [state.window[1] + psnrs[-1], state.window[2] + 1]   # no host sync
+        state.window[1:] = [state.window[1] + psnrs[-1], state.window[2] + 1]  # no host sync
 
         step = state.step
         if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -90,7 +94,7 @@ def run(cfg, signals):
         if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             tu.evaluate(state, cfg.eval_views)
         state.eval_seconds += time.time() - t
-        state.window[0] += time.time() - t   # keep rendering time out of rays/s
+        state.window[0] += time.time() - t  # keep rendering time out of rays/s
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             tu.save(state)
     bar.close()

@@ -11,6 +11,7 @@ logs, evaluates and writes checkpoints (`state.main`). Functions raise
 `config.ConfigError` (or `datasets.DataError`) with a one-line message for
 train.py to print.
 """
+
 import argparse
 import copy
 import dataclasses
@@ -38,24 +39,25 @@ from scheduler import Schedule
 @dataclasses.dataclass
 class TrainState:
     """Everything the loop reads and changes, as multinerf's TrainState (plus the loop's clocks)."""
+
     cfg: argparse.Namespace
-    model: MipNeRF                  # the network: weights, rendering
-    net: torch.nn.Module            # what trains: the model, or its DDP wrapper under torchrun
+    model: MipNeRF  # the network: weights, rendering
+    net: torch.nn.Module  # what trains: the model, or its DDP wrapper under torchrun
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     sampler: datasets.RaySampler
     device: torch.device
-    main: bool                      # rank 0: logs, evaluates, saves
-    test_data: datasets.SceneData = None   # rank 0 only
-    writer: SummaryWriter = None           # rank 0 only
+    main: bool  # rank 0: logs, evaluates, saves
+    test_data: datasets.SceneData = None  # rank 0 only
+    writer: SummaryWriter = None  # rank 0 only
     step: int = 0
-    initial: dict = None            # the state at the start, for a rollback before any checkpoint
-    nonfinite: int = 0              # non-finite steps in a row
-    saved_at: int = None            # the step of the last checkpoint this run wrote
+    initial: dict = None  # the state at the start, for a rollback before any checkpoint
+    nonfinite: int = 0  # non-finite steps in a row
+    saved_at: int = None  # the step of the last checkpoint this run wrote
     evaluated_at: int = None
     t_start: float = dataclasses.field(default_factory=time.time)
-    eval_seconds: float = 0.        # time spent rendering previews and evaluating
-    window: list = dataclasses.field(default_factory=lambda: [time.time(), 0., 0])  # start, PSNR sum, steps
+    eval_seconds: float = 0.0  # time spent rendering previews and evaluating
+    window: list = dataclasses.field(default_factory=lambda: [time.time(), 0.0, 0])  # start, PSNR sum, steps
 
     def train_seconds(self):
         return time.time() - self.t_start - self.eval_seconds
@@ -63,6 +65,7 @@ class TrainState:
 
 # ----------------------------------------------------------------------------
 # Setting up and resuming.
+
 
 def prepare_log_dir(cfg):
     """Make --log_dir before the data loads; refuse a file, an unwritable place, or another run's
@@ -72,8 +75,10 @@ def prepare_log_dir(cfg):
         raise config.ConfigError(f'--log_dir {d} is a file: pass a folder')
     found = runs.list_checkpoints(d)
     if found and not cfg.resume:
-        raise config.ConfigError(f'--log_dir {d} already holds a run (latest {os.path.basename(found[-1])}): '
-                                 'add --resume to continue it, or pass another --log_dir')
+        raise config.ConfigError(
+            f'--log_dir {d} already holds a run (latest {os.path.basename(found[-1])}): '
+            'add --resume to continue it, or pass another --log_dir'
+        )
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
@@ -89,26 +94,37 @@ def setup(cfg):
     """
     device = ddp.setup(runs.resolve_device(cfg.device))
     rank, main = ddp.rank(), ddp.is_main()
-    torch.manual_seed(cfg.seed)          # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if main:
-        prepare_log_dir(cfg)   # before anything slow: a refusal comes at once
+        prepare_log_dir(cfg)  # before anything slow: a refusal comes at once
         if cfg.dataset_name == 'demo' and not os.path.isdir(cfg.base_dir):
             print(f'demo scene not found in {cfg.base_dir}: generating it (about half a minute)')
             scenes.make_demo_scene(cfg.base_dir)
         if cfg.lr_delay_steps >= cfg.max_steps:
-            print(f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans '
-                  f'the whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs')
+            print(
+                f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans '
+                f'the whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs'
+            )
     ddp.barrier()
     train_data = datasets.dataset_from_config(cfg, 'train')
     model = runs.build_model(cfg).to(device)
     net = model
     if ddp.launched():
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    state = TrainState(cfg, model, net, torch.optim.Adam(model.parameters(), lr=cfg.lr_init), Schedule(cfg),
-                       datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank,
-                                           batching=cfg.batching), device, main)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None
+        )
+    state = TrainState(
+        cfg,
+        model,
+        net,
+        torch.optim.Adam(model.parameters(), lr=cfg.lr_init),
+        Schedule(cfg),
+        datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank, batching=cfg.batching),
+        device,
+        main,
+    )
     if rank:
-        torch.manual_seed(cfg.seed + rank)   # this rank's own jitter and noise
+        torch.manual_seed(cfg.seed + rank)  # this rank's own jitter and noise
     if not resume(state):
         return None
     state.initial = copy.deepcopy(runs.checkpoint(state))
@@ -117,9 +133,12 @@ def setup(cfg):
         config.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
         state.writer = SummaryWriter(cfg.log_dir)  # appends: earlier runs' logs stay
         num_params = sum(p.numel() for p in model.parameters())
-        print(f'{num_params:,} parameters, {len(train_data)} training views of {train_data.w}x{train_data.h}, '
-              f'device {device}' + (f' x {ddp.world_size()} processes' if ddp.launched() else '')
-              + f', logging to {cfg.log_dir}')
+        print(
+            f'{num_params:,} parameters, {len(train_data)} training views of {train_data.w}x{train_data.h}, '
+            f'device {device}'
+            + (f' x {ddp.world_size()} processes' if ddp.launched() else '')
+            + f', logging to {cfg.log_dir}'
+        )
     state.t_start = state.window[0] = time.time()
     return state
 
@@ -132,29 +151,39 @@ def resume(state):
         return True
     if cfg.resume != 'latest':
         if not os.path.isfile(cfg.resume):
-            raise config.ConfigError(f'--resume {cfg.resume}: no such checkpoint (omit the path to take the latest '
-                                     'in --log_dir)')
+            raise config.ConfigError(
+                f'--resume {cfg.resume}: no such checkpoint (omit the path to take the latest in --log_dir)'
+            )
         try:
             ckpt = runs.read_checkpoint(cfg.resume, state.device, runs.RESUME_KEYS)
         except ValueError as e:
             raise config.ConfigError(f'--resume: {e}; pass an earlier one') from None
     else:
-        ckpt = runs.latest_checkpoint(cfg.log_dir, state.device, runs.RESUME_KEYS,
-                                      note=lambda m: print(f'--resume: {m.replace("taking", "trying")}'))
+        ckpt = runs.latest_checkpoint(
+            cfg.log_dir,
+            state.device,
+            runs.RESUME_KEYS,
+            note=lambda m: print(f'--resume: {m.replace("taking", "trying")}'),
+        )
         if ckpt is None:
             print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
             return True
     model_args = dataclasses.asdict(state.model.args)
     if ckpt['model_args'] != model_args:
-        diff = ', '.join(f'{k}: {v} there, {model_args.get(k)} here'
-                         for k, v in ckpt['model_args'].items() if model_args.get(k) != v)
-        raise config.ConfigError(f'--resume {ckpt["path"]}: the checkpoint has a different network ({diff}); '
-                                 'pass the same model flags or another --log_dir')
+        diff = ', '.join(
+            f'{k}: {v} there, {model_args.get(k)} here' for k, v in ckpt['model_args'].items() if model_args.get(k) != v
+        )
+        raise config.ConfigError(
+            f'--resume {ckpt["path"]}: the checkpoint has a different network ({diff}); '
+            'pass the same model flags or another --log_dir'
+        )
     runs.restore(state, ckpt, with_rng=True)
     if state.step >= cfg.max_steps:
         if state.main:
-            print(f'{ckpt["path"]} is at step {state.step} and --max_steps is {cfg.max_steps}: '
-                  'nothing to train (raise --max_steps to go on)')
+            print(
+                f'{ckpt["path"]} is at step {state.step} and --max_steps is {cfg.max_steps}: '
+                'nothing to train (raise --max_steps to go on)'
+            )
         return False
     if state.main:
         print(f'resumed from {ckpt["path"]} at step {state.step}')
@@ -163,6 +192,7 @@ def resume(state):
 
 # ----------------------------------------------------------------------------
 # A step.
+
 
 def train_step(model, optimizer, schedule, sampler, cfg, step):
     """One optimization step on a fresh batch of rays; `step` steps are done before it.
@@ -207,14 +237,17 @@ def recover(state):
     runs.restore(state, ckpt, with_rng=False)
     state.schedule.scale *= 0.5
     if state.main:
-        tqdm.write(f'{state.nonfinite} non-finite steps in a row: reloaded {found[-1] if found else "the initial state"}'
-                   f' (step {state.step}) and halved the learning rate (now {state.schedule.scale:g} x the schedule)')
+        tqdm.write(
+            f'{state.nonfinite} non-finite steps in a row: reloaded {found[-1] if found else "the initial state"}'
+            f' (step {state.step}) and halved the learning rate (now {state.schedule.scale:g} x the schedule)'
+        )
     state.nonfinite = 0
     return state.step - back
 
 
 # ----------------------------------------------------------------------------
 # Logging, previews, evaluation, saving (rank 0, except save, which gathers from every rank).
+
 
 def level_names(n):
     return ['coarse', 'fine'] if n == 2 else [f'level{i}' for i in range(n)]
@@ -233,12 +266,13 @@ def log_scalars(state, loss, psnrs, grad_norm, bar):
     w.add_scalar('train/lr', state.optimizer.param_groups[0]['lr'], step)
     w.add_scalar('train/grad_norm', grad_norm.item(), step)
     w.add_scalar('train/rays_per_sec', rays_per_sec, step)
-    if bar.disable:   # not a terminal (a log file): one line per log_every instead of a bar
-        print(f'step {step}: loss {loss.item():.4f}, train PSNR {avg_psnr:.2f} dB, {rays_per_sec:,.0f} rays/s',
-              flush=True)
+    if bar.disable:  # not a terminal (a log file): one line per log_every instead of a bar
+        print(
+            f'step {step}: loss {loss.item():.4f}, train PSNR {avg_psnr:.2f} dB, {rays_per_sec:,.0f} rays/s', flush=True
+        )
     else:
         bar.set_postfix(loss=f'{loss.item():.4f}', psnr=f'{avg_psnr:.2f}', rays_s=f'{rays_per_sec:,.0f}')
-    state.window = [time.time(), 0., 0]
+    state.window = [time.time(), 0.0, 0]
 
 
 def preview(state):
@@ -279,9 +313,18 @@ def evaluate(state, eval_views):
     state.writer.add_scalar('test/psnr', psnr, step)
     path = os.path.join(cfg.log_dir, 'eval.jsonl')
     try:
-        cli.append_line(path, json.dumps({'step': step, 'psnr': psnr, 'views': len(indices),  # seconds since start
-                                          'wall_seconds': round(time.time() - state.t_start, 1),
-                                          'train_seconds': round(t - state.t_start - state.eval_seconds, 1)}))
+        cli.append_line(
+            path,
+            json.dumps(
+                {
+                    'step': step,
+                    'psnr': psnr,
+                    'views': len(indices),  # seconds since start
+                    'wall_seconds': round(time.time() - state.t_start, 1),
+                    'train_seconds': round(t - state.t_start - state.eval_seconds, 1),
+                }
+            ),
+        )
     except OSError as e:
         tqdm.write(f'could not write {path} ({e.strerror or e}); training goes on')
     tqdm.write(f'step {step}: test PSNR {psnr:.2f} dB over {len(indices)} views ({time.time() - t:.1f} s)')
@@ -302,8 +345,10 @@ def save(state):
         runs.save_checkpoint(path, runs.checkpoint(state, rank_states))
     except OSError as e:
         previous = runs.list_checkpoints(state.cfg.log_dir)
-        tqdm.write(f'could not save {path}: {e}; '
-                   + (f'{previous[-1]} is intact' if previous else 'no earlier checkpoint exists'))
+        tqdm.write(
+            f'could not save {path}: {e}; '
+            + (f'{previous[-1]} is intact' if previous else 'no earlier checkpoint exists')
+        )
         return False
     runs.prune_checkpoints(state.cfg.log_dir, state.cfg.keep_checkpoints)
     state.saved_at = state.step
@@ -319,14 +364,16 @@ def finish(state, signum, out_of_time):
         saved = state.saved_at == step or save(state)
         stop = cli.Stopped(signum)
         if main:
-            print(f'{stop.name}: stopped at step {step}'
-                  + (f', saved {runs.checkpoint_path(cfg.log_dir, step)}' if saved else '')
-                  + '; continue with the same command plus --resume')
+            print(
+                f'{stop.name}: stopped at step {step}'
+                + (f', saved {runs.checkpoint_path(cfg.log_dir, step)}' if saved else '')
+                + '; continue with the same command plus --resume'
+            )
             state.writer.close()
         return stop.exit_code
     if out_of_time and main:
         print(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
-    if main and cfg.eval_every and state.evaluated_at != step:   # the end: all test views
+    if main and cfg.eval_every and state.evaluated_at != step:  # the end: all test views
         evaluate(state, 0)
     saved = state.saved_at == step or save(state)
     if main:

@@ -3,6 +3,7 @@
 Images are float `[H, W, C]` in [0, 1] (tensors or arrays); outputs are
 uint8 numpy arrays, RGB, channels last.
 """
+
 import cv2
 import numpy as np
 import torch

@@ -12,6 +12,7 @@ this script made). The camera intrinsics,
 near/far bounds and NDC warp come from the run's dataset; the model and its
 config from the run's checkpoint.
 """
+
 import os
 import sys
 
@@ -21,8 +22,10 @@ import config
 # ----------------------------------------------------------------------------
 # Camera paths for a dataset.
 
-def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevation=30.,
-                   zoom_near=None, zoom_far=None):
+
+def render_cameras(
+    cfg, data, path, n_frames, render_factor, radius=None, elevation=30.0, zoom_near=None, zoom_far=None
+):
     """Poses `[F, 3, 4]` and per-frame (pix2cam, h, w, near, far, ndc) for a path.
 
     Intrinsics are those of the dataset's first (full-size) image divided by
@@ -30,10 +33,10 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
     """
     import pose_utils
     import ray_utils
+
     h, w = data.sizes[0]
     if render_factor > min(h, w):
-        raise ValueError(f'--render_factor {render_factor}: the images are {w}x{h}, so it can be at most '
-                         f'{min(h, w)}')
+        raise ValueError(f'--render_factor {render_factor}: the images are {w}x{h}, so it can be at most {min(h, w)}')
     h, w = h // render_factor, w // render_factor
     focal = data.focal / render_factor
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h)
@@ -55,8 +58,10 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
             z_near = 0.75 * r if zoom_near is None else zoom_near
             z_far = 2.0 * r if zoom_far is None else zoom_far
             if z_far <= z_near:
-                raise ValueError(f'--zoom_far ({z_far:g}{"" if zoom_far is not None else " = 2 x radius"}) must '
-                                 f'exceed --zoom_near ({z_near:g}{"" if zoom_near is not None else " = 0.75 x radius"})')
+                raise ValueError(
+                    f'--zoom_far ({z_far:g}{"" if zoom_far is not None else " = 2 x radius"}) must '
+                    f'exceed --zoom_near ({z_near:g}{"" if zoom_near is not None else " = 0.75 x radius"})'
+                )
             poses = pose_utils.zoom_path(n_frames, z_near, z_far, elevation)
         # Keep the near/far window where it was relative to the object.
         shift = poses[:, :, 3].norm(dim=-1) - ref_radius
@@ -64,8 +69,9 @@ def render_cameras(cfg, data, path, n_frames, render_factor, radius=None, elevat
     ndc = None if data.ndc is None else dict(focal=focal, w=w, h=h)
     frames = []
     for i in range(len(poses)):
-        frames.append((pix2cam, h, w, near if nears is None else float(nears[i]),
-                       far if fars is None else float(fars[i]), ndc))
+        frames.append(
+            (pix2cam, h, w, near if nears is None else float(nears[i]), far if fars is None else float(fars[i]), ndc)
+        )
     return poses, frames
 
 
@@ -73,8 +79,9 @@ def frame_rays(c2w, pix2cam, h, w, near, far, ndc):
     import torch
 
     import datasets
+
     y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-    return datasets.make_rays(pix2cam, c2w, x, y, h, w, near, far, 1., ndc)
+    return datasets.make_rays(pix2cam, c2w, x, y, h, w, near, far, 1.0, ndc)
 
 
 # ----------------------------------------------------------------------------
@@ -84,28 +91,60 @@ PROG = 'visualize.py'
 
 def build_parser():
     p = config.run_parser('Render videos of a trained mip-NeRF along a camera path.')
-    p.add_argument('--path', default=None, choices=['spherical', 'spiral', 'zoom'],
-                   help='camera path (default: spiral for LLFF, spherical otherwise)')
-    p.add_argument('--n_frames', type=cli.positive_int, default=120,
-                   help='frames in each video (the whole path; at least 1)')
-    p.add_argument('--fps', type=cli.positive_float, default=30,
-                   help='frames per second of the videos (so n_frames / fps seconds long)')
-    p.add_argument('--render_factor', type=cli.positive_int, default=1,
-                   help='render at 1/N of the dataset resolution')
-    p.add_argument('--visualize_depth', type=cli.str2bool, nargs='?', const=True, default=False,
-                   metavar='BOOL', help='also write depth.mp4')
-    p.add_argument('--visualize_normals', type=cli.str2bool, nargs='?', const=True, default=False,
-                   metavar='BOOL', help='also write normals.mp4')
-    p.add_argument('--radius', type=cli.positive_float, default=None,
-                   help='spherical and zoom paths: orbit radius (default: mean camera distance)')
-    p.add_argument('--elevation', type=cli.finite_float, default=30.,
-                   help='spherical and zoom paths: orbit elevation in degrees')
-    p.add_argument('--zoom_near', type=cli.positive_float, default=None,
-                   help='zoom path: nearest distance (default 0.75 x radius)')
-    p.add_argument('--zoom_far', type=cli.positive_float, default=None,
-                   help='zoom path: farthest distance, more than --zoom_near (default 2 x radius)')
+    p.add_argument(
+        '--path',
+        default=None,
+        choices=['spherical', 'spiral', 'zoom'],
+        help='camera path (default: spiral for LLFF, spherical otherwise)',
+    )
+    p.add_argument(
+        '--n_frames', type=cli.positive_int, default=120, help='frames in each video (the whole path; at least 1)'
+    )
+    p.add_argument(
+        '--fps',
+        type=cli.positive_float,
+        default=30,
+        help='frames per second of the videos (so n_frames / fps seconds long)',
+    )
+    p.add_argument('--render_factor', type=cli.positive_int, default=1, help='render at 1/N of the dataset resolution')
+    p.add_argument(
+        '--visualize_depth',
+        type=cli.str2bool,
+        nargs='?',
+        const=True,
+        default=False,
+        metavar='BOOL',
+        help='also write depth.mp4',
+    )
+    p.add_argument(
+        '--visualize_normals',
+        type=cli.str2bool,
+        nargs='?',
+        const=True,
+        default=False,
+        metavar='BOOL',
+        help='also write normals.mp4',
+    )
+    p.add_argument(
+        '--radius',
+        type=cli.positive_float,
+        default=None,
+        help='spherical and zoom paths: orbit radius (default: mean camera distance)',
+    )
+    p.add_argument(
+        '--elevation', type=cli.finite_float, default=30.0, help='spherical and zoom paths: orbit elevation in degrees'
+    )
+    p.add_argument(
+        '--zoom_near', type=cli.positive_float, default=None, help='zoom path: nearest distance (default 0.75 x radius)'
+    )
+    p.add_argument(
+        '--zoom_far',
+        type=cli.positive_float,
+        default=None,
+        help='zoom path: farthest distance, more than --zoom_near (default 2 x radius)',
+    )
     p.add_argument('--out_dir', default=None, help='where the videos go (default: --log_dir)')
-    p.prog = PROG    # errors name the script also when main() is called from Python
+    p.prog = PROG  # errors name the script also when main() is called from Python
     return p
 
 
@@ -117,47 +156,63 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import ddp
     import runs
+
     made = []
     try:
         with cli.stop_on_signals():
             try:
                 model, cfg, ckpt, device, data = runs.open_run(args, 'test')
                 path = args.path or ('spiral' if data.ndc is not None else 'spherical')
-                poses, frames = render_cameras(cfg, data, path, args.n_frames, args.render_factor, args.radius,
-                                               args.elevation, args.zoom_near, args.zoom_far)
+                poses, frames = render_cameras(
+                    cfg,
+                    data,
+                    path,
+                    args.n_frames,
+                    args.render_factor,
+                    args.radius,
+                    args.elevation,
+                    args.zoom_near,
+                    args.zoom_far,
+                )
             except (FileNotFoundError, ValueError) as e:
                 fail(e)
             out_dir = args.out_dir or args.log_dir
             problem = None
             if ddp.is_main():
                 try:
-                    made = cli.prepare_out_dir(out_dir, os.path.join(out_dir, 'video.partial.mp4'),
-                                           *(('--out_dir', 'pick a writable folder') if args.out_dir else
-                                             ('--log_dir', 'pass --out_dir with a writable folder')))
+                    made = cli.prepare_out_dir(
+                        out_dir,
+                        os.path.join(out_dir, 'video.partial.mp4'),
+                        *(
+                            ('--out_dir', 'pick a writable folder')
+                            if args.out_dir
+                            else ('--log_dir', 'pass --out_dir with a writable folder')
+                        ),
+                    )
                 except ValueError as e:
                     problem = str(e)
-            if ddp.any_rank([problem is not None], device)[0]:     # every rank stops, not only rank 0
+            if ddp.any_rank([problem is not None], device)[0]:  # every rank stops, not only rank 0
                 if problem:
                     fail(problem)
                 sys.exit(2)
             try:
                 write_videos(args, model, path, poses, frames, ckpt['step'], out_dir)
-            except OSError as e:     # a full disk, or ffmpeg failing: the first line says which
+            except OSError as e:  # a full disk, or ffmpeg failing: the first line says which
                 fail(f'writing the videos into {out_dir} failed: {str(e).strip().splitlines()[0]}')
     except cli.Stopped as e:
         sys.stderr.write(f'{PROG}: stopped by {e.name}; partial videos removed, nothing written\n')
-        sys.exit(e.exit_code)             # 130 for Ctrl-C, 143 for SIGTERM, as train.py
+        sys.exit(e.exit_code)  # 130 for Ctrl-C, 143 for SIGTERM, as train.py
     finally:
-        cli.remove_empty_dirs(made)           # a folder made here stays only if it holds a video
+        cli.remove_empty_dirs(made)  # a folder made here stays only if it holds a video
         ddp.cleanup()
 
 
 def render_frame(model, args, c2w, camera):
     """The uint8 frames of one camera: {'video': ..., 'depth': ..., 'normals': ...} as asked."""
     import vis
+
     pix2cam, h, w, near, far, ndc = camera
-    out = model.render_image(frame_rays(c2w, pix2cam, h, w, near, far, ndc), args.chunk,
-                             normals=args.visualize_normals)
+    out = model.render_image(frame_rays(c2w, pix2cam, h, w, near, far, ndc), args.chunk, normals=args.visualize_normals)
     rgb, distance, acc = out[:3]
     images = {'video': vis.to_uint8(rgb)}
     if args.visualize_depth:
@@ -189,6 +244,7 @@ def write_videos(args, model, path, poses, frames, step, out_dir):
     from tqdm import tqdm
 
     import ddp
+
     rank, world, main = ddp.rank(), ddp.world_size(), ddp.is_main()
     names = ['video'] + ['depth'] * args.visualize_depth + ['normals'] * args.visualize_normals
     with contextlib.ExitStack() as outputs:
@@ -196,27 +252,34 @@ def write_videos(args, model, path, poses, frames, step, out_dir):
         if main:
             for n in names:
                 tmp = outputs.enter_context(cli.atomic_output(os.path.join(out_dir, f'{n}.mp4')))
-                writers[n] = outputs.enter_context(contextlib.closing(
-                    imageio.get_writer(tmp, fps=args.fps, codec='libx264', quality=8, macro_block_size=2)))
+                writers[n] = outputs.enter_context(
+                    contextlib.closing(
+                        imageio.get_writer(tmp, fps=args.fps, codec='libx264', quality=8, macro_block_size=2)
+                    )
+                )
         # The bar as a context: an error or signal ends its line before the message that follows.
         with tqdm(total=len(poses), desc=f'{path} path', dynamic_ncols=True, disable=None if main else True) as bar:
             t0 = time.time()
             for first in range(0, len(poses), world):
                 k = first + rank
                 images = render_frame(model, args, poses[k], frames[k]) if k < len(poses) else None
-                for part in ddp.gather(images) or []:       # frames first .. first + world - 1, in order
+                for part in ddp.gather(images) or []:  # frames first .. first + world - 1, in order
                     for n in names if part is not None else []:
                         writers[n].append_data(part[n])
                 bar.update(min(world, len(poses) - first))
-                if first == 0 and main:   # the time up front, from the first frame
+                if first == 0 and main:  # the time up front, from the first frame
                     each = time.time() - t0
-                    bar.write(f'{len(poses)} frames of {frames[0][2]}x{frames[0][1]} on {model_device(model)}: '
-                              f'about {human_time(each * len(poses) / world)} ({each:.1f} s a frame'
-                              + (f' per process, {world} processes' if world > 1 else '')
-                              + '); --n_frames and --render_factor make it shorter')
+                    bar.write(
+                        f'{len(poses)} frames of {frames[0][2]}x{frames[0][1]} on {model_device(model)}: '
+                        f'about {human_time(each * len(poses) / world)} ({each:.1f} s a frame'
+                        + (f' per process, {world} processes' if world > 1 else '')
+                        + '); --n_frames and --render_factor make it shorter'
+                    )
     if main:
-        print(f'wrote {", ".join(n + ".mp4" for n in names)} to {out_dir} '
-              f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {step})')
+        print(
+            f'wrote {", ".join(n + ".mp4" for n in names)} to {out_dir} '
+            f'({len(poses)} frames of {frames[0][2]}x{frames[0][1]}, step {step})'
+        )
 
 
 if __name__ == '__main__':

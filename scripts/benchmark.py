@@ -12,6 +12,7 @@ MLP forward and backward, compositing), renders one full frame and one
 grid_size^3 density grid, and prints one table. Device work is timed with
 synchronization around the timed region, after warm-up steps.
 """
+
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ def synthetic_scene(n, size, focal_frac=1.389):
     import datasets
     import pose_utils
     import ray_utils
+
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(n, size, size, 3, generator=gen)
     az = torch.rand(n, generator=gen) * 360
@@ -58,13 +60,28 @@ def synthetic_scene(n, size, focal_frac=1.389):
     c2w = pose_utils.spherical_pose(az, el, 4.0)
     focal = focal_frac * size
     pix2cam = ray_utils.pinhole_pix2cam(focal, size, size).expand(n, 3, 3).contiguous()
-    return datasets.SceneData(images, pix2cam, c2w, 2., 6.)
+    return datasets.SceneData(images, pix2cam, c2w, 2.0, 6.0)
 
 
 def make_cfg(args, precision, compile):
-    argv = ['--dataset_name', 'blender', '--base_dir', args.base_dir or '.', '--batch_size', str(args.batch_size),
-            '--num_samples', str(args.num_samples), '--net_width', str(args.net_width), '--precision', precision,
-            '--compile', str(compile).lower(), '--max_steps', '1000000']
+    argv = [
+        '--dataset_name',
+        'blender',
+        '--base_dir',
+        args.base_dir or '.',
+        '--batch_size',
+        str(args.batch_size),
+        '--num_samples',
+        str(args.num_samples),
+        '--net_width',
+        str(args.net_width),
+        '--precision',
+        precision,
+        '--compile',
+        str(compile).lower(),
+        '--max_steps',
+        '1000000',
+    ]
     return config_lib.get_config(argv, need_data=False)
 
 
@@ -76,13 +93,16 @@ def bench_variant(name, args, data, device):
     import runs
     import train_utils
     from scheduler import Schedule
+
     precision, *extras = name.split('+')
     cfg = make_cfg(args, precision, 'compile' in extras)
     torch.manual_seed(0)
     model = runs.build_model(cfg).to(device)
     net = model
-    if ddp.launched():   # the DDP path, as train.py takes it under torchrun
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if ddp.launched():  # the DDP path, as train.py takes it under torchrun
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None
+        )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0, batching=cfg.batching)
@@ -93,19 +113,26 @@ def bench_variant(name, args, data, device):
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     step_s = timed(step, device, args.steps, args.warmup)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan')
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
 
     # Parts of a step, each on its own (forward and backward where there is one).
     a = model.args
     rays, _ = sampler.sample()
     parts = {}
-    parts['sample+gauss'] = timed(lambda: ray_utils.sample_along_rays(
-        rays.origins, rays.directions, rays.radii, a.num_samples, rays.near, rays.far, True, False, 'cone'),
-        device, args.steps, 2)
+    parts['sample+gauss'] = timed(
+        lambda: ray_utils.sample_along_rays(
+            rays.origins, rays.directions, rays.radii, a.num_samples, rays.near, rays.far, True, False, 'cone'
+        ),
+        device,
+        args.steps,
+        2,
+    )
     t_vals, (mean, cov) = ray_utils.sample_along_rays(
-        rays.origins, rays.directions, rays.radii, a.num_samples, rays.near, rays.far, True, False, 'cone')
-    parts['ipe'] = timed(lambda: ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point),
-                         device, args.steps, 2)
+        rays.origins, rays.directions, rays.radii, a.num_samples, rays.near, rays.far, True, False, 'cone'
+    )
+    parts['ipe'] = timed(
+        lambda: ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point), device, args.steps, 2
+    )
     x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
     view = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True)
 
@@ -116,21 +143,32 @@ def bench_variant(name, args, data, device):
         else:
             rgb, dens = model.mlp(x, view)
         (rgb.float().sum() + dens.float().sum()).backward()
+
     parts['mlp fwd+bwd (1 level)'] = timed(mlp_fwd_bwd, device, args.steps, 2)
     rgb = torch.rand(mean.shape, device=device)
     dens = torch.rand(mean.shape[:-1], device=device)
-    parts['composite'] = timed(lambda: ray_utils.volumetric_rendering(rgb, dens, t_vals, rays.directions, True),
-                               device, args.steps, 2)
+    parts['composite'] = timed(
+        lambda: ray_utils.volumetric_rendering(rgb, dens, t_vals, rays.directions, True), device, args.steps, 2
+    )
 
     # One full frame, and one density grid.
     frame = data.rays_of_image(0)
     render_s = timed(lambda: model.render_image(frame, args.chunk), device, 1, 1)
-    density_fn, _ = meshing.model_fns(model.eval(), 3. / (args.grid_size - 1))
+    density_fn, _ = meshing.model_fns(model.eval(), 3.0 / (args.grid_size - 1))
     lo, hi = np.full(3, -1.5), np.full(3, 1.5)
-    grid_s = timed(lambda: meshing.density_grid(density_fn, lo, hi, args.grid_size, 1 << 20, device,
-                                                     progress=False), device, 1, 1)
-    return dict(name=name, rays_s=cfg.batch_size / step_s, ms=step_s * 1e3, render_s=render_s, grid_s=grid_s,
-                peak_gb=peak, parts={k: v * 1e3 for k, v in parts.items()}, frame=tuple(frame.origins.shape[:2]))
+    grid_s = timed(
+        lambda: meshing.density_grid(density_fn, lo, hi, args.grid_size, 1 << 20, device, progress=False), device, 1, 1
+    )
+    return dict(
+        name=name,
+        rays_s=cfg.batch_size / step_s,
+        ms=step_s * 1e3,
+        render_s=render_s,
+        grid_s=grid_s,
+        peak_gb=peak,
+        parts={k: v * 1e3 for k, v in parts.items()},
+        frame=tuple(frame.origins.shape[:2]),
+    )
 
 
 # Size flags: (default, default with --quick, help). Flags given explicitly win over --quick.
@@ -153,22 +191,32 @@ def fail(message):
 
 
 def build_parser():
-    ap = cli.Parser(prog='benchmark.py', description=__doc__.split('\n')[0],
-                    epilog='Size flags given explicitly win over --quick, which only changes the defaults.')
+    ap = cli.Parser(
+        prog='benchmark.py',
+        description=__doc__.split('\n')[0],
+        epilog='Size flags given explicitly win over --quick, which only changes the defaults.',
+    )
     ap.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
     ap.add_argument('--base_dir', default=None, help='a Blender scene folder to train on (default: synthetic images)')
-    ap.add_argument('--variants', default='fp32,tf32,bf16',
-                    help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile '
-                         '(torch.compile)')
+    ap.add_argument(
+        '--variants',
+        default='fp32,tf32,bf16',
+        help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile (torch.compile)',
+    )
     for name, (full, quick, text) in SIZES.items():
         # default None: filled in by parse_args() from --quick, so that explicit flags win over it.
-        ap.add_argument(f'--{name}', type=int if name == 'warmup' else cli.positive_int, default=None,
-                        metavar='N',
-                        help=f'{text} (default: {full}; {quick} with --quick)' if full != quick
-                        else f'{text} (default: {full})')
-    ap.add_argument('--quick', action='store_true',
-                    help='small default sizes and 8 synthetic images, a CPU smoke test; explicit size flags '
-                         'still win')
+        ap.add_argument(
+            f'--{name}',
+            type=int if name == 'warmup' else cli.positive_int,
+            default=None,
+            metavar='N',
+            help=f'{text} (default: {full}; {quick} with --quick)' if full != quick else f'{text} (default: {full})',
+        )
+    ap.add_argument(
+        '--quick',
+        action='store_true',
+        help='small default sizes and 8 synthetic images, a CPU smoke test; explicit size flags still win',
+    )
     return ap
 
 
@@ -202,6 +250,7 @@ def main(argv=None):
     args = parse_args(argv)
     variants = args.variants.split(',')
     import runs
+
     try:
         device = runs.resolve_device(args.device)
     except (config_lib.ConfigError, RuntimeError) as e:
@@ -210,10 +259,13 @@ def main(argv=None):
         fail(f'--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto')
     if args.base_dir and not os.path.isfile(os.path.join(args.base_dir, 'transforms_train.json')):
         what = 'holds no transforms_train.json' if os.path.isdir(args.base_dir) else 'is not a folder'
-        fail(f'--base_dir {args.base_dir} {what}: pass a Blender scene folder (e.g. data/nerf_synthetic/lego) '
-             'or omit it for synthetic images')
+        fail(
+            f'--base_dir {args.base_dir} {what}: pass a Blender scene folder (e.g. data/nerf_synthetic/lego) '
+            'or omit it for synthetic images'
+        )
     import datasets
     import ddp
+
     device = ddp.setup(device)
     if args.base_dir:
         try:
@@ -222,22 +274,31 @@ def main(argv=None):
             fail(f'--base_dir {args.base_dir}: {e}')
     else:
         data = synthetic_scene(8 if args.quick else 100, args.image_size)
-    print(f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
-          + (f' (DDP, {ddp.world_size()} process)' if ddp.launched() else '') + ', '
-          f'torch {torch.__version__}, batch {args.batch_size}, 2 x {args.num_samples} samples, '
-          f'width {args.net_width}, data {args.base_dir or "synthetic"}', flush=True)
+    print(
+        f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
+        + (f' (DDP, {ddp.world_size()} process)' if ddp.launched() else '')
+        + ', '
+        f'torch {torch.__version__}, batch {args.batch_size}, 2 x {args.num_samples} samples, '
+        f'width {args.net_width}, data {args.base_dir or "synthetic"}',
+        flush=True,
+    )
     rows = []
     for name in variants:
         rows.append(bench_variant(name, args, data, device))
         r = rows[-1]
-        print(f"  {name}: {r['rays_s']:,.0f} rays/s; parts (ms) "
-              + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()), flush=True)
+        print(
+            f'  {name}: {r["rays_s"]:,.0f} rays/s; parts (ms) '
+            + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()),
+            flush=True,
+        )
     h, w = rows[0]['frame']
     print(f'\n| variant | rays/s | ms/step | render s/frame ({w}x{h}) | mesh grid s ({args.grid_size}^3) | peak GB |')
     print('|---|---:|---:|---:|---:|---:|')
     for r in rows:
-        peak = '-' if np.isnan(r['peak_gb']) else f"{r['peak_gb']:.2f}"
-        print(f"| {r['name']} | {r['rays_s']:,.0f} | {r['ms']:.1f} | {r['render_s']:.2f} | {r['grid_s']:.2f} | {peak} |")
+        peak = '-' if np.isnan(r['peak_gb']) else f'{r["peak_gb"]:.2f}'
+        print(
+            f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {r["render_s"]:.2f} | {r["grid_s"]:.2f} | {peak} |'
+        )
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ transforms_{split}.json are skipped. A scene folder is written under a
 temporary name and renamed when complete; existing scenes are left alone.
 Unlike the official script, 8-bit values are rounded, not truncated.
 """
+
 import argparse
 import json
 import os
@@ -30,7 +31,7 @@ SPLITS = ('train', 'val', 'test')
 def down2(img):
     """Mean of 2x2 blocks: `[H, W, C]` -> `[H/2, W/2, C]`."""
     h, w = img.shape[0] // 2, img.shape[1] // 2
-    return img[:2 * h, :2 * w].reshape(h, 2, w, 2, -1).mean(axis=(1, 3))
+    return img[: 2 * h, : 2 * w].reshape(h, 2, w, 2, -1).mean(axis=(1, 3))
 
 
 def read_rgba(path):
@@ -39,7 +40,7 @@ def read_rgba(path):
         raise SystemExit(f'convert_blender_data.py: error: cannot read {path}: re-download the scene')
     if img.ndim == 2 or img.shape[-1] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGRA if img.ndim == 2 else cv2.COLOR_BGR2BGRA)
-    return img[..., [2, 1, 0, 3]].astype(np.float64) / 255.
+    return img[..., [2, 1, 0, 3]].astype(np.float64) / 255.0
 
 
 def convert_split(basedir, newdir, split, n_down):
@@ -47,8 +48,10 @@ def convert_split(basedir, newdir, split, n_down):
         meta = json.load(f)
     imgdir = f'images_{split}'
     os.makedirs(os.path.join(newdir, imgdir), exist_ok=True)
-    out = {k: [] for k in ('file_path', 'cam2world', 'pix2cam', 'width', 'height', 'focal',
-                           'lossmult', 'near', 'far', 'label')}
+    out = {
+        k: []
+        for k in ('file_path', 'cam2world', 'pix2cam', 'width', 'height', 'focal', 'lossmult', 'near', 'far', 'label')
+    }
     for i, frame in enumerate(meta['frames']):
         img = read_rgba(os.path.join(basedir, frame['file_path'] + '.png'))
         focal = 0.5 * img.shape[1] / np.tan(0.5 * float(meta['camera_angle_x']))
@@ -56,19 +59,21 @@ def convert_split(basedir, newdir, split, n_down):
             name = f'{imgdir}/{i:03d}_d{level}.png'
             rgba8 = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
             if not cv2.imwrite(os.path.join(newdir, name), rgba8[..., [2, 1, 0, 3]]):
-                raise SystemExit(f'convert_blender_data.py: error: cannot write {os.path.join(newdir, name)}: '
-                                 'free some space or pick a writable --outdir')
+                raise SystemExit(
+                    f'convert_blender_data.py: error: cannot write {os.path.join(newdir, name)}: '
+                    'free some space or pick a writable --outdir'
+                )
             h, w = img.shape[:2]
-            f = focal / 2 ** level
+            f = focal / 2**level
             out['file_path'].append(name)
             out['cam2world'].append(frame['transform_matrix'])
             out['pix2cam'].append([[1 / f, 0, -0.5 * w / f], [0, -1 / f, 0.5 * h / f], [0, 0, -1]])
             out['width'].append(w)
             out['height'].append(h)
             out['focal'].append(f)
-            out['lossmult'].append(4. ** level)
-            out['near'].append(2.)
-            out['far'].append(6.)
+            out['lossmult'].append(4.0**level)
+            out['near'].append(2.0)
+            out['far'].append(6.0)
             out['label'].append(level)
             if level + 1 < n_down:
                 img = down2(img)
@@ -83,10 +88,11 @@ def convert_scene(basedir, newdir, n_down=4, verbose=True):
         return []
     splits = [s for s in SPLITS if os.path.isfile(os.path.join(basedir, f'transforms_{s}.json'))]
     if not splits:
-        raise SystemExit(f'convert_blender_data.py: error: {basedir} has no transforms_*.json: '
-                         'is it a nerf_synthetic scene?')
+        raise SystemExit(
+            f'convert_blender_data.py: error: {basedir} has no transforms_*.json: is it a nerf_synthetic scene?'
+        )
     bigmeta = {}
-    with cli.atomic_output(newdir, folder=True) as tmp:   # <newdir>.partial/, renamed when complete
+    with cli.atomic_output(newdir, folder=True) as tmp:  # <newdir>.partial/, renamed when complete
         for split in splits:
             if verbose:
                 print(f'{basedir}: {split}')
@@ -109,8 +115,11 @@ def main(argv=None):
         sys.exit(f'convert_blender_data.py: error: {args.blenderdir} not found: run scripts/download_blender.sh')
     if args.n_down < 1:
         sys.exit('convert_blender_data.py: error: --n_down must be at least 1')
-    scenes = [args.scene] if args.scene else sorted(
-        d for d in os.listdir(args.blenderdir) if os.path.isdir(os.path.join(args.blenderdir, d)))
+    scenes = (
+        [args.scene]
+        if args.scene
+        else sorted(d for d in os.listdir(args.blenderdir) if os.path.isdir(os.path.join(args.blenderdir, d)))
+    )
     for scene in scenes:
         src = os.path.join(args.blenderdir, scene)
         if not os.path.isdir(src):

@@ -4,6 +4,7 @@
 
 `train.py --config configs/demo.txt` makes it by itself when it is missing.
 """
+
 import argparse
 import os
 import sys

@@ -7,6 +7,7 @@ mesh's centre and z-buffered; each sample is shaded by its face normal
 (two-sided Lambert with an ambient term) times its vertex colour when the
 mesh has colours, grey otherwise. White background.
 """
+
 import argparse
 import os
 import sys
@@ -19,7 +20,7 @@ import cli
 import pose_utils
 
 
-def render(mesh, size=512, azimuth=30., elevation=30., distance=None, fov_deg=40., samples_per_pixel=6, seed=0):
+def render(mesh, size=512, azimuth=30.0, elevation=30.0, distance=None, fov_deg=40.0, samples_per_pixel=6, seed=0):
     """An RGB uint8 image `[size, size, 3]` of the mesh."""
     centre = mesh.bounds.mean(0)
     radius = np.linalg.norm(mesh.bounds[1] - mesh.bounds[0]) / 2
@@ -30,10 +31,10 @@ def render(mesh, size=512, azimuth=30., elevation=30., distance=None, fov_deg=40
     pts, face_idx = trimesh.sample.sample_surface(mesh, size * size * samples_per_pixel, seed=seed)
     normals = mesh.face_normals[face_idx]
     if mesh.visual.kind == 'vertex':
-        colours = mesh.visual.vertex_colors[mesh.faces[face_idx, 0], :3] / 255.
+        colours = mesh.visual.vertex_colors[mesh.faces[face_idx, 0], :3] / 255.0
     else:
         colours = np.full((len(pts), 3), 0.75)
-    cam = (pts - c2w[:, 3]) @ c2w[:, :3]          # world -> camera (x right, y up, looking down -z)
+    cam = (pts - c2w[:, 3]) @ c2w[:, :3]  # world -> camera (x right, y up, looking down -z)
     z = -cam[:, 2]
     front = z > 1e-6
     u = np.floor(focal * cam[front, 0] / z[front] + size / 2).astype(int)
@@ -41,10 +42,10 @@ def render(mesh, size=512, azimuth=30., elevation=30., distance=None, fov_deg=40
     keep = (u >= 0) & (u < size) & (v >= 0) & (v < size)
     pix = (v * size + u)[keep]
     depth = z[front][keep]
-    light = c2w[:, :3] @ np.array([0.3, 0.5, 1.0]) / np.linalg.norm([0.3, 0.5, 1.0])   # from behind the camera
+    light = c2w[:, :3] @ np.array([0.3, 0.5, 1.0]) / np.linalg.norm([0.3, 0.5, 1.0])  # from behind the camera
     shade = 0.3 + 0.7 * np.abs(normals[front][keep] @ light)
     rgb = colours[front][keep] * shade[:, None]
-    order = np.lexsort((depth, pix))                 # by pixel, nearest first
+    order = np.lexsort((depth, pix))  # by pixel, nearest first
     first = np.ones(len(order), bool)
     first[1:] = pix[order][1:] != pix[order][:-1]
     image = np.ones((size * size, 3))
@@ -57,10 +58,11 @@ def main():
     ap.add_argument('mesh')
     ap.add_argument('--out', required=True)
     ap.add_argument('--size', type=int, default=512)
-    ap.add_argument('--azimuth', type=float, default=30.)
-    ap.add_argument('--elevation', type=float, default=30.)
+    ap.add_argument('--azimuth', type=float, default=30.0)
+    ap.add_argument('--elevation', type=float, default=30.0)
     args = ap.parse_args()
     import cv2
+
     mesh = trimesh.load(args.mesh, force='mesh')
     img = render(mesh, args.size, args.azimuth, args.elevation)
     ok, png = cv2.imencode(os.path.splitext(args.out)[1] or '.png', img[..., ::-1])

@@ -1,7 +1,8 @@
 """Run under torchrun (gloo, CPU): the DDP gradient equals the single-process gradient of the global batch.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_check.py OUT.json
+python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_check.py OUT.json
 """
+
 import copy
 import json
 import os
@@ -18,10 +19,10 @@ from ray_utils import Rays
 
 def global_batch(n):
     gen = torch.Generator().manual_seed(7)
-    o = torch.randn(n, 3, generator=gen) * 0.1 + torch.tensor([0., 0., 4.])
-    d = torch.randn(n, 3, generator=gen) * 0.2 + torch.tensor([0., 0., -1.])
+    o = torch.randn(n, 3, generator=gen) * 0.1 + torch.tensor([0.0, 0.0, 4.0])
+    d = torch.randn(n, 3, generator=gen) * 0.2 + torch.tensor([0.0, 0.0, -1.0])
     ones = torch.ones(n, 1)
-    rays = Rays(o, d, d / d.norm(dim=-1, keepdim=True), ones * 0.002, ones, ones * 2., ones * 6.)
+    rays = Rays(o, d, d / d.norm(dim=-1, keepdim=True), ones * 0.002, ones, ones * 2.0, ones * 6.0)
     return rays, torch.rand(n, 3, generator=gen)
 
 
@@ -30,7 +31,7 @@ def loss_of(model, rays, target):
 
 
 def main():
-    ddp.setup(torch.device("cpu"))
+    ddp.setup(torch.device('cpu'))
     rank, world = ddp.rank(), ddp.world_size()
     torch.manual_seed(0)
     model = MipNeRF(ModelArgs(num_samples=16, net_width=64, net_depth=4, skip_layer=2), randomized=False)
@@ -42,11 +43,13 @@ def main():
     loss_of(net, Rays(*(r[mine] for r in rays)), target[mine]).backward()
     if rank == 0:
         loss_of(reference, rays, target).backward()
-        errors = {name: float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12))
-                  for (name, p), q in zip(model.named_parameters(), reference.parameters())}
+        errors = {
+            name: float((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12))
+            for (name, p), q in zip(model.named_parameters(), reference.parameters())
+        }
         with open(sys.argv[1], 'w') as f:
             json.dump({'world_size': world, 'max_rel_error': max(errors.values()), 'errors': errors}, f)
-    del net          # before cleanup: see ddp.cleanup
+    del net  # before cleanup: see ddp.cleanup
     ddp.cleanup()
 
 

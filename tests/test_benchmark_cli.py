@@ -1,4 +1,5 @@
 """scripts/benchmark.py on bad input: one line on stderr, exit status 2, no traceback; its flags and --quick."""
+
 import os
 import subprocess
 import sys
@@ -28,9 +29,13 @@ def bad_runs(tmp_path_factory):
     procs = {}
     for name, (argv, _) in BAD.items():
         if name == 'cuda_missing' and torch.cuda.is_available():
-            continue   # it would run the benchmark
-        procs[name] = subprocess.Popen([sys.executable, SCRIPT] + [a.format(tmp=tmp) for a in argv],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            continue  # it would run the benchmark
+        procs[name] = subprocess.Popen(
+            [sys.executable, SCRIPT] + [a.format(tmp=tmp) for a in argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=120)
@@ -53,16 +58,19 @@ def test_bad_input_is_one_line(name, bad_runs):
     assert stdout == ''
 
 
-@pytest.mark.parametrize('argv, flag', [
-    (['--variants', 'fp32,fp16'], '--variants'),
-    (['--variants', 'bf16+fast'], '--variants'),
-    (['--warmup', '-1'], '--warmup'),
-    (['--quick', '--batch_size', '0'], '--batch_size'),
-    (['--num_samples', '0'], '--num_samples'),
-    (['--image_size', '-8'], '--image_size'),
-    (['--chunk', '-1'], '--chunk'),
-    (['--net_width', 'wide'], '--net_width'),
-])
+@pytest.mark.parametrize(
+    'argv, flag',
+    [
+        (['--variants', 'fp32,fp16'], '--variants'),
+        (['--variants', 'bf16+fast'], '--variants'),
+        (['--warmup', '-1'], '--warmup'),
+        (['--quick', '--batch_size', '0'], '--batch_size'),
+        (['--num_samples', '0'], '--num_samples'),
+        (['--image_size', '-8'], '--image_size'),
+        (['--chunk', '-1'], '--chunk'),
+        (['--net_width', 'wide'], '--net_width'),
+    ],
+)
 def test_bad_flag_in_process(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.parse_args(argv)
@@ -76,10 +84,12 @@ def sizes(args):
 
 
 def test_quick_defaults_and_explicit_flags_win():
-    assert sizes(benchmark.parse_args([])) == dict(batch_size=4096, num_samples=128, net_width=256, image_size=800,
-                                                   grid_size=256, chunk=8192, steps=20, warmup=5)
-    assert sizes(benchmark.parse_args(['--quick'])) == dict(batch_size=256, num_samples=16, net_width=64, image_size=32,
-                                                            grid_size=16, chunk=8192, steps=3, warmup=1)
+    assert sizes(benchmark.parse_args([])) == dict(
+        batch_size=4096, num_samples=128, net_width=256, image_size=800, grid_size=256, chunk=8192, steps=20, warmup=5
+    )
+    assert sizes(benchmark.parse_args(['--quick'])) == dict(
+        batch_size=256, num_samples=16, net_width=64, image_size=32, grid_size=16, chunk=8192, steps=3, warmup=1
+    )
     args = benchmark.parse_args(['--quick', '--batch_size', '128', '--steps', '2', '--warmup', '0'])
     assert (args.batch_size, args.steps, args.warmup, args.num_samples, args.grid_size) == (128, 2, 0, 16, 16)
     # Explicit flags win whichever side of --quick they are on.

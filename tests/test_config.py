@@ -12,23 +12,71 @@ from conftest import REPO
 
 def test_defaults_equal_the_official_release(tmp_path):
     cfg = config.get_config(['--base_dir', str(tmp_path)])
-    official = dict(batch_size=4096, max_steps=1_000_000, lr_init=5e-4, lr_final=5e-6, lr_delay_steps=2500,
-                    lr_delay_mult=0.01, num_samples=128, num_levels=2, min_deg_point=0, max_deg_point=16,
-                    deg_view=4, resample_padding=0.01, coarse_loss_mult=0.1, net_depth=8, net_width=256,
-                    net_depth_condition=1, net_width_condition=128, skip_layer=4, density_bias=-1.,
-                    rgb_padding=0.001, stop_level_grad=True, use_viewdirs=True, randomized=True,
-                    white_bkgd=True, near=2., far=6., ray_shape='cone', density_noise=0., lindisp=False,
-                    factor=0, disable_integration=False, batching='single_image')
+    official = dict(
+        batch_size=4096,
+        max_steps=1_000_000,
+        lr_init=5e-4,
+        lr_final=5e-6,
+        lr_delay_steps=2500,
+        lr_delay_mult=0.01,
+        num_samples=128,
+        num_levels=2,
+        min_deg_point=0,
+        max_deg_point=16,
+        deg_view=4,
+        resample_padding=0.01,
+        coarse_loss_mult=0.1,
+        net_depth=8,
+        net_width=256,
+        net_depth_condition=1,
+        net_width_condition=128,
+        skip_layer=4,
+        density_bias=-1.0,
+        rgb_padding=0.001,
+        stop_level_grad=True,
+        use_viewdirs=True,
+        randomized=True,
+        white_bkgd=True,
+        near=2.0,
+        far=6.0,
+        ray_shape='cone',
+        density_noise=0.0,
+        lindisp=False,
+        factor=0,
+        disable_integration=False,
+        batching='single_image',
+    )
     assert {k: getattr(cfg, k) for k in official} == official
 
 
 def test_dataset_defaults_and_overrides(tmp_path):
     cfg = config.get_config(['--dataset_name', 'llff', '--base_dir', str(tmp_path)])
-    assert (cfg.near, cfg.far, cfg.ray_shape, cfg.density_noise, cfg.white_bkgd, cfg.factor, cfg.batching) == \
-        (0., 1., 'cylinder', 1., False, 4, 'all_images')
-    cfg = config.get_config(['--dataset_name', 'llff', '--base_dir', str(tmp_path), '--ray_shape', 'cone',
-                             '--white_bkgd', 'true', '--density_noise', '0', '--batching', 'single_image'])
-    assert (cfg.ray_shape, cfg.white_bkgd, cfg.density_noise, cfg.batching) == ('cone', True, 0., 'single_image')
+    assert (cfg.near, cfg.far, cfg.ray_shape, cfg.density_noise, cfg.white_bkgd, cfg.factor, cfg.batching) == (
+        0.0,
+        1.0,
+        'cylinder',
+        1.0,
+        False,
+        4,
+        'all_images',
+    )
+    cfg = config.get_config(
+        [
+            '--dataset_name',
+            'llff',
+            '--base_dir',
+            str(tmp_path),
+            '--ray_shape',
+            'cone',
+            '--white_bkgd',
+            'true',
+            '--density_noise',
+            '0',
+            '--batching',
+            'single_image',
+        ]
+    )
+    assert (cfg.ray_shape, cfg.white_bkgd, cfg.density_noise, cfg.batching) == ('cone', True, 0.0, 'single_image')
     cfg = config.get_config(['--dataset_name', 'multicam', '--base_dir', str(tmp_path)])
     assert cfg.batching == 'all_images'
 
@@ -44,7 +92,7 @@ def test_config_file_is_read_and_flags_override_it(tmp_path):
     cfg_file = tmp_path / 'my.txt'
     cfg_file.write_text('dataset_name = demo\nnet_width = 64\nrandomized = false\nnear = 2.5\n')
     cfg = config.get_config(['--config', str(cfg_file)])
-    assert (cfg.dataset_name, cfg.net_width, cfg.randomized, cfg.near, cfg.far) == ('demo', 64, False, 2.5, 6.)
+    assert (cfg.dataset_name, cfg.net_width, cfg.randomized, cfg.near, cfg.far) == ('demo', 64, False, 2.5, 6.0)
     cfg = config.get_config(['--config', str(cfg_file), '--net_width', '32', '--randomized'])
     assert (cfg.net_width, cfg.randomized) == (32, True)
 
@@ -65,18 +113,21 @@ def test_saved_config_reads_back(tmp_path):
     assert vars(again) == {**vars(cfg), 'config': path}
 
 
-@pytest.mark.parametrize('args,needle', [
-    (['--dataset_name', 'nosuch'], "invalid choice: 'nosuch'"),
-    (['--data_dir', '/nonexistent', '--scene', 'lego'], 'scripts/download_blender.sh'),
-    (['--dataset_name', 'llff', '--data_dir', '/nonexistent'], 'scripts/download_llff.sh'),
-    (['--dataset_name', 'multicam', '--data_dir', '/nonexistent'], 'scripts/download_multicam.sh'),
-    (['--dataset_name', 'demo', '--batch_size', '0'], '--batch_size must be positive'),
-    (['--dataset_name', 'demo', '--net_width', '-3'], '--net_width must be positive'),
-    (['--dataset_name', 'demo', '--near', '5', '--far', '3'], '--near (5.0) must be less than --far (3.0)'),
-    (['--dataset_name', 'demo', '--min_deg_point', '5', '--max_deg_point', '2'], '--min_deg_point'),
-    (['--dataset_name', 'demo', '--white_bkgd', 'maybe'], 'expected true or false'),
-    (['--config', 'nosuch.txt'], 'nosuch.txt'),
-])
+@pytest.mark.parametrize(
+    'args,needle',
+    [
+        (['--dataset_name', 'nosuch'], "invalid choice: 'nosuch'"),
+        (['--data_dir', '/nonexistent', '--scene', 'lego'], 'scripts/download_blender.sh'),
+        (['--dataset_name', 'llff', '--data_dir', '/nonexistent'], 'scripts/download_llff.sh'),
+        (['--dataset_name', 'multicam', '--data_dir', '/nonexistent'], 'scripts/download_multicam.sh'),
+        (['--dataset_name', 'demo', '--batch_size', '0'], '--batch_size must be positive'),
+        (['--dataset_name', 'demo', '--net_width', '-3'], '--net_width must be positive'),
+        (['--dataset_name', 'demo', '--near', '5', '--far', '3'], '--near (5.0) must be less than --far (3.0)'),
+        (['--dataset_name', 'demo', '--min_deg_point', '5', '--max_deg_point', '2'], '--min_deg_point'),
+        (['--dataset_name', 'demo', '--white_bkgd', 'maybe'], 'expected true or false'),
+        (['--config', 'nosuch.txt'], 'nosuch.txt'),
+    ],
+)
 def test_bad_flags_give_one_line_error(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
         config.get_config(args)
@@ -85,9 +136,24 @@ def test_bad_flags_give_one_line_error(args, needle, capsys):
 
 
 def test_bad_flag_in_a_real_process_writes_nothing(tmp_path):
-    res = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), '--dataset_name', 'demo', '--near', '5',
-                          '--far', '3', '--log_dir', str(tmp_path / 'run')], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, 'train.py'),
+            '--dataset_name',
+            'demo',
+            '--near',
+            '5',
+            '--far',
+            '3',
+            '--log_dir',
+            str(tmp_path / 'run'),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr
     assert 'train.py: error: --near (5.0) must be less than --far (3.0)' in res.stderr
     assert not (tmp_path / 'run').exists() and not (tmp_path / 'data').exists()

@@ -20,12 +20,12 @@ def test_lego_rays_equal_a_hand_computed_pinhole_camera():
     assert 0 <= data.images.min() and data.images.max() <= 1
     focal = 400 / math.tan(0.5 * meta['camera_angle_x'])
     assert data.focal == pytest.approx(focal) and abs(focal - 1111.11) < 0.01
-    assert torch.all(data.images[:, 0, 0] == 1)          # background composited on white
+    assert torch.all(data.images[:, 0, 0] == 1)  # background composited on white
     for i in (0, 4):
         c2w = np.array(meta['frames'][i]['transform_matrix'], dtype=np.float64)
         rays = data.rays_of_image(i)
         for x, y in [(0, 0), (799, 0), (400, 400), (123, 701)]:
-            cam = np.array([(x + 0.5 - 400) / focal, -(y + 0.5 - 400) / focal, -1.])
+            cam = np.array([(x + 0.5 - 400) / focal, -(y + 0.5 - 400) / focal, -1.0])
             d = c2w[:3, :3] @ cam
             np.testing.assert_allclose(rays.origins[y, x].numpy(), c2w[:3, 3], rtol=0, atol=1e-6)
             np.testing.assert_allclose(rays.directions[y, x].numpy(), d, rtol=0, atol=1e-6)
@@ -117,22 +117,24 @@ def test_single_image_batching_draws_each_batch_from_one_uniform_image(tiny_demo
 
 def test_single_image_batching_with_images_of_different_sizes():
     """Multicam-like data: a batch stays inside its own image, whatever its size."""
-    class Data:   # two images, 2x3 and 4x5, with distinct colours per pixel
+
+    class Data:  # two images, 2x3 and 4x5, with distinct colours per pixel
         sizes = [(2, 3), (4, 5)]
-        images = [torch.arange(18.).reshape(2, 3, 3) / 100, 0.5 + torch.arange(60.).reshape(4, 5, 3) / 200]
+        images = [torch.arange(18.0).reshape(2, 3, 3) / 100, 0.5 + torch.arange(60.0).reshape(4, 5, 3) / 200]
         pix2cam = torch.eye(3).expand(2, 3, 3)
         cam2world = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand(2, 3, 4)
-        near, far, lossmult = torch.full((2,), 2.), torch.full((2,), 6.), torch.tensor([1., 4.])
+        near, far, lossmult = torch.full((2,), 2.0), torch.full((2,), 6.0), torch.tensor([1.0, 4.0])
         ndc = None
+
     sampler = datasets.RaySampler(Data(), 300, 'cpu', seed=0, batching='single_image')
     seen = set()
     for _ in range(30):
         rays, target = sampler.sample()
         first = bool(target[0, 0] < 0.5)
-        assert torch.all((target[:, 0] < 0.5) == first)   # all from one image
-        assert torch.all(rays.lossmult == (1. if first else 4.))
+        assert torch.all((target[:, 0] < 0.5) == first)  # all from one image
+        assert torch.all(rays.lossmult == (1.0 if first else 4.0))
         seen.add((first, len(torch.unique(target[:, 0]))))
-    assert seen == {(True, 6), (False, 20)}                 # every pixel of each, none beyond
+    assert seen == {(True, 6), (False, 20)}  # every pixel of each, none beyond
 
 
 def test_blender_loader_names_bad_files(tmp_path, tiny_demo):

@@ -34,7 +34,7 @@ def _leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def _intervals(n_rays, S, gen, near=0.5, far=6.):
+def _intervals(n_rays, S, gen, near=0.5, far=6.0):
     """`[n_rays, S+1]` sorted endpoints in [near, far] with gaps of at least 1e-2."""
     gaps = 0.01 + torch.rand(n_rays, S, dtype=f64, generator=gen)
     t = torch.cat([torch.zeros(n_rays, 1, dtype=f64), torch.cumsum(gaps, -1)], -1)
@@ -51,6 +51,7 @@ def _grads(outputs, inputs, seed=0):
 # ----------------------------------------------------------------------------
 # Gaussians of frustums and cylinders.
 
+
 def naive_frustum_gaussian(d, t0, t1, r):
     """Moments of a uniform density in the frustum from first principles, diagonal covariance.
 
@@ -59,13 +60,15 @@ def naive_frustum_gaussian(d, t0, t1, r):
     radius r t has variance (r t)^2 / 4 per direction, so r_var = r^2 E[t^2] / 4.
     Exact in float64 away from t1 - t0 << t0.
     """
+
     def moment(k):
-        return 3 / (k + 3) * (t1 ** (k + 3) - t0 ** (k + 3)) / (t1 ** 3 - t0 ** 3)
+        return 3 / (k + 3) * (t1 ** (k + 3) - t0 ** (k + 3)) / (t1**3 - t0**3)
+
     t_mean, t_sq = moment(1), moment(2)
-    t_var, r_var = t_sq - t_mean ** 2, r ** 2 * t_sq / 4
-    u = d / torch.sqrt((d ** 2).sum(-1, keepdim=True))          # unit axis
+    t_var, r_var = t_sq - t_mean**2, r**2 * t_sq / 4
+    u = d / torch.sqrt((d**2).sum(-1, keepdim=True))  # unit axis
     mean = d[..., None, :] * t_mean[..., None]
-    cov = t_var[..., None] * (d ** 2)[..., None, :] + r_var[..., None] * (1 - u ** 2)[..., None, :]
+    cov = t_var[..., None] * (d**2)[..., None, :] + r_var[..., None] * (1 - u**2)[..., None, :]
     return mean, cov
 
 
@@ -101,7 +104,7 @@ def test_narrow_frustum_gradients_survive_float32():
     """For t1 - t0 = 1e-5 t0 the float32 gradients of the stable form match float64 to 1e-4,
     where differentiating the direct form in float32 is off by orders of magnitude (about 1e5 times)."""
     d64 = torch.tensor([0.3, -1.2, 0.7], dtype=f64)
-    t0_64 = torch.tensor([1000., 20., 3.], dtype=f64)
+    t0_64 = torch.tensor([1000.0, 20.0, 3.0], dtype=f64)
     t1_64, r64 = t0_64 * (1 + 1e-5), torch.tensor([0.002], dtype=f64)
 
     def grads(dtype, stable):
@@ -131,12 +134,12 @@ def test_cylinder_gaussian_gradients_match_finite_differences_and_hand_derivatio
     if diag:
         mean, cov = cylinder_to_gaussian(d, t0, t1, r, diag=True)
         g_t0, g_t1, g_r = torch.autograd.grad(cov.sum() + mean.sum(), (t0, t1, r))
-        dsq = (d ** 2).sum(-1, keepdim=True)
+        dsq = (d**2).sum(-1, keepdim=True)
         w = t1 - t0
         # sum_i cov_i = t_var |d|^2 + 2 r_var; sum_i mean_i = t_mean sum(d).
         torch.testing.assert_close(g_t0, -w / 6 * dsq + 0.5 * d.sum(-1, keepdim=True))
         torch.testing.assert_close(g_t1, w / 6 * dsq + 0.5 * d.sum(-1, keepdim=True))
-        torch.testing.assert_close(g_r, 4 * r)   # 4 intervals, each d(2 r^2/4)/dr = r
+        torch.testing.assert_close(g_r, 4 * r)  # 4 intervals, each d(2 r^2/4)/dr = r
 
 
 @pytest.mark.parametrize('diag', [True, False])
@@ -152,8 +155,8 @@ def test_lift_gaussian_gradients(diag):
     trace = cov.sum(-1) if diag else torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)
     g_d, g_tv, g_rv = torch.autograd.grad(trace.sum(), (d, t_var, r_var))
     torch.testing.assert_close(g_d, 2 * t_var.sum(-1, keepdim=True) * d)
-    torch.testing.assert_close(g_tv, (d ** 2).sum(-1, keepdim=True).expand(2, 4))
-    torch.testing.assert_close(g_rv, torch.full((2, 4), 2., dtype=f64))
+    torch.testing.assert_close(g_tv, (d**2).sum(-1, keepdim=True).expand(2, 4))
+    torch.testing.assert_close(g_rv, torch.full((2, 4), 2.0, dtype=f64))
     g_d, g_tm = torch.autograd.grad(mean.sum(), (d, t_mean))
     torch.testing.assert_close(g_d, t_mean.sum(-1, keepdim=True).expand(2, 3))
     torch.testing.assert_close(g_tm, d.sum(-1, keepdim=True).expand(2, 4))
@@ -175,8 +178,8 @@ def test_cast_rays_gradients_are_banded_and_match_finite_differences(ray_shape):
     torch.testing.assert_close(jac[0], torch.eye(3, dtype=f64).expand(S, 3, 3))
     assert torch.all(jac[1] == 0)
     jac_mean, jac_cov = torch.autograd.functional.jacobian(lambda t_: cast_rays(t_, o[0], d[0], r[0], ray_shape), t[0])
-    for jac in (jac_mean, jac_cov):      # [S, 3, S+1]
-        nonzero = (jac != 0).any(1)      # [S, S+1]: does section i move with t_j?
+    for jac in (jac_mean, jac_cov):  # [S, 3, S+1]
+        nonzero = (jac != 0).any(1)  # [S, S+1]: does section i move with t_j?
         expected = torch.zeros(S, S + 1, dtype=torch.bool)
         expected[torch.arange(S), torch.arange(S)] = True
         expected[torch.arange(S), torch.arange(S) + 1] = True
@@ -186,13 +189,14 @@ def test_cast_rays_gradients_are_banded_and_match_finite_differences(ray_shape):
 # ----------------------------------------------------------------------------
 # Positional encodings.
 
+
 def naive_ipe(mean, var, min_deg, max_deg):
     """E[sin], E[cos] of 2^deg x for x ~ N(mean, var), one (degree, coordinate) at a time, sin block first."""
     sins, coss = [], []
     for deg in range(min_deg, max_deg):
-        a = 2. ** deg
+        a = 2.0**deg
         for c in range(mean.shape[-1]):
-            damp = torch.exp(-0.5 * a ** 2 * var[..., c])
+            damp = torch.exp(-0.5 * a**2 * var[..., c])
             sins.append(damp * torch.sin(a * mean[..., c]))
             coss.append(damp * torch.cos(a * mean[..., c]))
     return torch.stack(sins + coss, -1)
@@ -221,14 +225,14 @@ def test_ipe_gradients_by_hand():
     jm, jv = torch.autograd.functional.jacobian(lambda m, v: integrated_pos_enc(m, v, 0, 3), (mu, var))
     L = 3
     for deg in range(L):
-        a = 2. ** deg
-        e = torch.exp(-0.5 * a ** 2 * var)
+        a = 2.0**deg
+        e = torch.exp(-0.5 * a**2 * var)
         rows_sin = slice(3 * deg, 3 * deg + 3)
         rows_cos = slice(3 * L + 3 * deg, 3 * L + 3 * deg + 3)
         torch.testing.assert_close(jm[rows_sin], torch.diag(a * e * torch.cos(a * mu)))
         torch.testing.assert_close(jm[rows_cos], torch.diag(-a * e * torch.sin(a * mu)))
-        torch.testing.assert_close(jv[rows_sin], torch.diag(-0.5 * a ** 2 * e * torch.sin(a * mu)))
-        torch.testing.assert_close(jv[rows_cos], torch.diag(-0.5 * a ** 2 * e * torch.cos(a * mu)))
+        torch.testing.assert_close(jv[rows_sin], torch.diag(-0.5 * a**2 * e * torch.sin(a * mu)))
+        torch.testing.assert_close(jv[rows_cos], torch.diag(-0.5 * a**2 * e * torch.cos(a * mu)))
 
 
 @pytest.mark.parametrize('append_identity', [True, False])
@@ -238,8 +242,8 @@ def test_pos_enc_jacobian_by_hand(append_identity):
     x = torch.tensor([0.4, -2.2, 1.7], dtype=f64)
     assert gradcheck(lambda x_: pos_enc(x_, 0, 5, append_identity), (_leaf(x[None]),))
     jac = torch.autograd.functional.jacobian(lambda x_: pos_enc(x_, 1, 5, append_identity), x)
-    blocks_sin = [torch.diag(2. ** deg * torch.cos(2. ** deg * x)) for deg in range(1, 5)]
-    blocks_cos = [torch.diag(-2. ** deg * torch.sin(2. ** deg * x)) for deg in range(1, 5)]
+    blocks_sin = [torch.diag(2.0**deg * torch.cos(2.0**deg * x)) for deg in range(1, 5)]
+    blocks_cos = [torch.diag(-(2.0**deg) * torch.sin(2.0**deg * x)) for deg in range(1, 5)]
     expected = torch.cat(([torch.eye(3, dtype=f64)] if append_identity else []) + blocks_sin + blocks_cos)
     torch.testing.assert_close(jac, expected)
 
@@ -249,8 +253,7 @@ def test_ipe_gradient_limits():
     moderate one) every feature and gradient is 0, finite in float32 too."""
     gen = _gen(6)
     mean = torch.randn(8, 3, dtype=f64, generator=gen)
-    jac_ipe = torch.autograd.functional.jacobian(
-        lambda m: integrated_pos_enc(m, torch.zeros_like(m), 0, 6), mean[0])
+    jac_ipe = torch.autograd.functional.jacobian(lambda m: integrated_pos_enc(m, torch.zeros_like(m), 0, 6), mean[0])
     jac_pe = torch.autograd.functional.jacobian(lambda m: pos_enc(m, 0, 6, append_identity=False), mean[0])
     torch.testing.assert_close(jac_ipe, jac_pe)
     for dtype in (torch.float32, f64):
@@ -263,11 +266,12 @@ def test_ipe_gradient_limits():
         enc = integrated_pos_enc(m, v, 0, 17)
         g_m, g_v = torch.autograd.grad(enc.sum(), (m, v))
         assert torch.isfinite(g_m).all() and torch.isfinite(g_v).all()
-        assert torch.all(enc[..., 3 * 12:3 * 17] == 0) and torch.all(enc[..., 3 * 29:] == 0)
+        assert torch.all(enc[..., 3 * 12 : 3 * 17] == 0) and torch.all(enc[..., 3 * 29 :] == 0)
 
 
 # ----------------------------------------------------------------------------
 # Volume rendering.
+
 
 def naive_render(rgb, density, t_vals, dirs, white_bkgd):
     """Alpha compositing one ray and one sample at a time, as written in the NeRF paper.
@@ -281,7 +285,7 @@ def naive_render(rgb, density, t_vals, dirs, white_bkgd):
     for ray in range(rgb.shape[0]):
         t = t_vals[ray]
         norm = torch.sqrt((dirs[ray] ** 2).sum())
-        trans, ws = 1., []
+        trans, ws = 1.0, []
         for i in range(rgb.shape[1]):
             alpha = 1 - torch.exp(-density[ray, i] * (t[i + 1] - t[i]) * norm)
             ws.append(alpha * trans)
@@ -299,11 +303,11 @@ def naive_render(rgb, density, t_vals, dirs, white_bkgd):
     return torch.stack(comps), torch.stack(dists), torch.stack(accs), torch.stack(weights)
 
 
-def _render_inputs(n_rays, S, seed, density_scale=1.):
+def _render_inputs(n_rays, S, seed, density_scale=1.0):
     gen = _gen(seed)
     rgb = _leaf(torch.rand(n_rays, S, 3, dtype=f64, generator=gen))
     density = _leaf(density_scale * torch.rand(n_rays, S, dtype=f64, generator=gen))
-    t = _leaf(_intervals(n_rays, S, gen, near=2., far=6.))
+    t = _leaf(_intervals(n_rays, S, gen, near=2.0, far=6.0))
     dirs = _leaf(torch.randn(n_rays, 3, dtype=f64, generator=gen))
     return rgb, density, t, dirs
 
@@ -319,11 +323,11 @@ def test_volume_rendering_gradients_match_finite_differences():
 def test_volume_rendering_matches_naive_loop_values_and_gradients(white_bkgd):
     """Outputs and gradients w.r.t. rgb, density, t_vals and dirs equal those of the per-sample loop,
     including a ray with no density at all (distance = near, gradients finite)."""
-    rgb, density, t, dirs = _render_inputs(6, 12, seed=8, density_scale=2.)
+    rgb, density, t, dirs = _render_inputs(6, 12, seed=8, density_scale=2.0)
     with torch.no_grad():
-        density[1] = 0.                   # an empty ray
-        density[2, :5] = 0.               # empty then dense
-        density[3, 7] = 50.               # an opaque wall mid-ray
+        density[1] = 0.0  # an empty ray
+        density[2, :5] = 0.0  # empty then dense
+        density[3, 7] = 50.0  # an opaque wall mid-ray
     inputs = (rgb, density, t, dirs)
     got = volumetric_rendering(*inputs, white_bkgd)
     ref = naive_render(*inputs, white_bkgd)
@@ -342,7 +346,7 @@ def test_volume_rendering_gradients_by_hand():
     rgb, density, t, dirs = _render_inputs(4, 10, seed=9)
     comp, _, acc, w = volumetric_rendering(rgb, density, t, dirs, white_bkgd=True)
     for c in range(3):
-        g_rgb, = torch.autograd.grad(comp[:, c].sum(), rgb, retain_graph=True)
+        (g_rgb,) = torch.autograd.grad(comp[:, c].sum(), rgb, retain_graph=True)
         torch.testing.assert_close(g_rgb[..., c], w)
         assert torch.all(g_rgb[..., [k for k in range(3) if k != c]] == 0)
     g_density, g_rgb = torch.autograd.grad(acc.sum(), (density, rgb), allow_unused=True)
@@ -357,25 +361,26 @@ def test_volume_rendering_gradients_at_extreme_densities(dtype):
     Density 1e30 (or 3e38) in one sample: it takes all the weight, samples behind it get zero
     gradient, and every gradient is finite; zero-width intervals and very far t likewise."""
     S = 8
-    t = torch.linspace(2., 6., S + 1, dtype=dtype).expand(5, S + 1).clone()
-    t[3, 1:4] = t[3, 1]                                   # zero-width intervals
-    t[4] = torch.linspace(1e4, 1e5, S + 1, dtype=dtype)   # very far
+    t = torch.linspace(2.0, 6.0, S + 1, dtype=dtype).expand(5, S + 1).clone()
+    t[3, 1:4] = t[3, 1]  # zero-width intervals
+    t[4] = torch.linspace(1e4, 1e5, S + 1, dtype=dtype)  # very far
     density = torch.ones(5, S, dtype=dtype)
-    density[0] = 0.
-    density[1, :2], density[1, 2] = 0., 1e30
+    density[0] = 0.0
+    density[1, :2], density[1, 2] = 0.0, 1e30
     density[2, 0] = 3e38
     rgb = _leaf(torch.rand(5, S, 3, generator=_gen(10), dtype=f64).to(dtype))
     density, t = _leaf(density), _leaf(t)
     dirs = _leaf(torch.tensor([[0.3, -1.2, 0.7]], dtype=dtype).expand(5, 3))
     comp, dist, acc, w = volumetric_rendering(rgb, density, t, dirs, white_bkgd=True)
-    grads = torch.autograd.grad(comp.sum() + dist.sum() + acc.sum() + w.sum(), (rgb, density, t, dirs),
-                                retain_graph=True)
+    grads = torch.autograd.grad(
+        comp.sum() + dist.sum() + acc.sum() + w.sum(), (rgb, density, t, dirs), retain_graph=True
+    )
     assert all(torch.isfinite(g).all() for g in grads)
-    g_acc, = torch.autograd.grad(acc[0], density)
+    (g_acc,) = torch.autograd.grad(acc[0], density)
     delta0 = (t[0, 1:] - t[0, :-1]) * dirs[0].norm()
-    assert acc[0] == 0 and dist[0] == 2.
+    assert acc[0] == 0 and dist[0] == 2.0
     torch.testing.assert_close(g_acc[0], delta0)
     for ray, k in ((1, 2), (2, 0)):
-        assert w[ray, k] == 1 and torch.all(w[ray, k + 1:] == 0)
-        g_rgb, = torch.autograd.grad(comp[ray].sum(), rgb, retain_graph=True)
-        assert torch.all(g_rgb[ray, k + 1:] == 0) and torch.all(g_rgb[ray, k] == 1)
+        assert w[ray, k] == 1 and torch.all(w[ray, k + 1 :] == 0)
+        (g_rgb,) = torch.autograd.grad(comp[ray].sum(), rgb, retain_graph=True)
+        assert torch.all(g_rgb[ray, k + 1 :] == 0) and torch.all(g_rgb[ray, k] == 1)

@@ -1,4 +1,5 @@
 """LLFF loader on the real fern scene."""
+
 import math
 import os
 import shutil
@@ -17,16 +18,17 @@ from conftest import FERN, needs_fern
 def test_fern_splits_focal_and_ndc(factor):
     train = datasets.get_dataset('llff', FERN, 'train', factor=factor)
     test = datasets.get_dataset('llff', FERN, 'test', factor=factor)
-    assert (len(train), len(test)) == (17, 3)                  # every 8th of 20 held out: 0, 8, 16
+    assert (len(train), len(test)) == (17, 3)  # every 8th of 20 held out: 0, 8, 16
     assert train.images.shape[1:] == (3024 // factor, 4032 // factor, 3)
     full_focal = np.load(os.path.join(FERN, 'poses_bounds.npy'))[0, 14]
     assert train.focal == pytest.approx(full_focal / factor, rel=1e-6)
     all_c2w = train.all_cam2world
     torch.testing.assert_close(test.cam2world, all_c2w[[0, 8, 16]])
     rays = test.rays_of_image(1)
-    torch.testing.assert_close(rays.origins[..., 2], torch.full(rays.origins.shape[:2], -1.), atol=1e-5, rtol=0)
-    torch.testing.assert_close((rays.origins + rays.directions)[..., 2], torch.ones(rays.origins.shape[:2]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(rays.origins[..., 2], torch.full(rays.origins.shape[:2], -1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        (rays.origins + rays.directions)[..., 2], torch.ones(rays.origins.shape[:2]), atol=1e-5, rtol=0
+    )
     assert torch.all(rays.near == 0) and torch.all(rays.far == 1)
     # Poses are centred: their average pose is the identity.
     avg = pose_utils.poses_avg(all_c2w.double())
@@ -48,8 +50,9 @@ def test_fern_radii_are_ndc_neighbour_distances():
     np.testing.assert_allclose(rays.radii[..., 0].numpy(), expected, rtol=1e-3)
     # View directions are the world-space directions (official release).
     c2w = data.cam2world[0].double()
-    cam = torch.tensor([(5 + 0.5 - data.w / 2) / data.focal, -(7 + 0.5 - data.h / 2) / data.focal, -1.],
-                       dtype=torch.float64)
+    cam = torch.tensor(
+        [(5 + 0.5 - data.w / 2) / data.focal, -(7 + 0.5 - data.h / 2) / data.focal, -1.0], dtype=torch.float64
+    )
     torch.testing.assert_close(rays.viewdirs[7, 5].double(), c2w[:, :3] @ cam, atol=1e-5, rtol=0)
 
 
@@ -74,18 +77,18 @@ def test_missing_image_folder_is_made_from_full_resolution_and_cached(tmp_path):
     scene.mkdir()
     src = sorted(os.listdir(os.path.join(FERN, 'images_8')))[:3]
     (scene / 'images').mkdir()
-    for f in src:                       # pretend images_8 is the full resolution
+    for f in src:  # pretend images_8 is the full resolution
         shutil.copy(os.path.join(FERN, 'images_8', f), scene / 'images' / f)
     np.save(scene / 'poses_bounds.npy', np.load(os.path.join(FERN, 'poses_bounds.npy'))[:3])
     data = datasets.get_dataset('llff', str(scene), 'train', factor=2, llffhold=0)
     assert (scene / 'images_2').is_dir() and not (scene / 'images_2.partial').exists()
     full = datasets.read_image(str(scene / 'images' / src[0]))
-    blocks = full[:378 // 2 * 2, :504 // 2 * 2].reshape(189, 2, 252, 2, 3).mean(axis=(1, 3))
+    blocks = full[: 378 // 2 * 2, : 504 // 2 * 2].reshape(189, 2, 252, 2, 3).mean(axis=(1, 3))
     assert data.images.shape == (3, 189, 252, 3)
     np.testing.assert_allclose(data.images[0].numpy(), blocks, atol=1 / 255 + 1e-6)
     mtime = os.path.getmtime(scene / 'images_2')
     datasets.get_dataset('llff', str(scene), 'train', factor=2, llffhold=0)
-    assert os.path.getmtime(scene / 'images_2') == mtime     # cached
+    assert os.path.getmtime(scene / 'images_2') == mtime  # cached
 
 
 @needs_fern

@@ -29,11 +29,15 @@ def test_learning_rate_without_delay_and_monotone_after_warmup():
 def test_schedule_sets_the_pure_function_times_its_scale():
     class Cfg:
         lr_init, lr_final, max_steps, lr_delay_steps, lr_delay_mult = 1e-3, 1e-5, 40, 10, 0.1
+
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=Cfg.lr_init)
     schedule = Schedule(Cfg)
     for step in range(45):
-        assert schedule.apply(opt, step) == opt.param_groups[0]['lr'] == \
-            pytest.approx(learning_rate(step, 1e-3, 1e-5, 40, 10, 0.1))
+        assert (
+            schedule.apply(opt, step)
+            == opt.param_groups[0]['lr']
+            == pytest.approx(learning_rate(step, 1e-3, 1e-5, 40, 10, 0.1))
+        )
     schedule.scale = 0.5
     again = Schedule(Cfg)
     again.load_state_dict(schedule.state_dict())
@@ -41,9 +45,9 @@ def test_schedule_sets_the_pure_function_times_its_scale():
 
 
 def test_psnr_known_values():
-    assert mse_to_psnr(0.01) == pytest.approx(20.)
-    assert mse_to_psnr(1e-4) == pytest.approx(40.)
-    assert float(mse_to_psnr(torch.tensor(1.))) == pytest.approx(0.)
+    assert mse_to_psnr(0.01) == pytest.approx(20.0)
+    assert mse_to_psnr(1e-4) == pytest.approx(40.0)
+    assert float(mse_to_psnr(torch.tensor(1.0))) == pytest.approx(0.0)
 
 
 def test_average_error_reproduces_the_official_summaries():
@@ -59,11 +63,11 @@ def test_average_error_reproduces_the_official_summaries():
 
 def test_weighted_mse_and_coarse_weight():
     target = torch.zeros(4, 3)
-    rgb = torch.tensor([[1., 1., 1.], [0., 0., 0.], [0.5, 0.5, 0.5], [0., 0., 0.]])
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0]])
     ones = torch.ones(4, 1)
     assert weighted_mse(rgb, target, ones).item() == pytest.approx((1 + 0.25) / 4)
     # lossmult weighs rays: a zero removes the ray from both sums.
-    lm = torch.tensor([[0.], [1.], [4.], [1.]])
+    lm = torch.tensor([[0.0], [1.0], [4.0], [1.0]])
     assert weighted_mse(rgb, target, lm).item() == pytest.approx(4 * 0.25 / 6)
     coarse, fine = torch.full((4, 3), 0.1), torch.full((4, 3), 0.2)
     loss, mses, psnrs = mipnerf_loss([(coarse, None, None), (fine, None, None)], target, ones, 0.1)

@@ -1,4 +1,5 @@
 """loss.LPIPS's one-line note names the fix for each way LPIPS can fail to load (no network, no lpips needed)."""
+
 import builtins
 import socket
 import sys
@@ -27,6 +28,7 @@ def fail_import(monkeypatch, error):
         if name == 'lpips':
             raise error
         return real_import(name, *args, **kwargs)
+
     monkeypatch.delitem(sys.modules, 'lpips', raising=False)
     monkeypatch.setattr(builtins, '__import__', import_)
 
@@ -78,6 +80,7 @@ def test_other_errors_give_their_first_line(monkeypatch, tmp_path):
 
     def corrupt(*args, **kwargs):
         raise ValueError('bad checkpoint\nsecond line')
+
     fake_lpips(monkeypatch, corrupt)
     assert check_skipped(LPIPS('cpu')) == 'LPIPS skipped: ValueError: bad checkpoint'
 
@@ -96,9 +99,13 @@ class MeanAbs(torch.nn.Module):
 def test_loaded_lpips_is_available_and_quiet(monkeypatch):
     def build(net, version, verbose):
         assert (net, version) == ('vgg', '0.1')
-        warnings.warn("The parameter 'pretrained' is deprecated since 0.13 and may be removed in the future, "
-                      "please use 'weights' instead.", stacklevel=2)  # as torchvision does for lpips
+        warnings.warn(
+            "The parameter 'pretrained' is deprecated since 0.13 and may be removed in the future, "
+            "please use 'weights' instead.",
+            stacklevel=2,
+        )  # as torchvision does for lpips
         return MeanAbs()
+
     fake_lpips(monkeypatch, build)
     with warnings.catch_warnings():
         warnings.simplefilter('error')

@@ -3,31 +3,32 @@ import math
 import torch
 
 from config import ModelArgs
-from model import MipNeRF
 from conftest import needs_cuda
+from model import MipNeRF
 from ray_utils import Rays
 
 
 def make_rays(shape, device='cpu', seed=0):
     gen = torch.Generator().manual_seed(seed)
-    o = torch.randn(shape + (3,), generator=gen) * 0.1 + torch.tensor([0., 0., 4.])
-    d = torch.randn(shape + (3,), generator=gen) * 0.2 + torch.tensor([0., 0., -1.])
+    o = torch.randn(shape + (3,), generator=gen) * 0.1 + torch.tensor([0.0, 0.0, 4.0])
+    d = torch.randn(shape + (3,), generator=gen) * 0.2 + torch.tensor([0.0, 0.0, -1.0])
     ones = torch.ones(shape + (1,))
-    rays = Rays(o, d, d / d.norm(dim=-1, keepdim=True), ones * 0.002, ones, ones * 2., ones * 6.)
+    rays = Rays(o, d, d / d.norm(dim=-1, keepdim=True), ones * 0.002, ones, ones * 2.0, ones * 6.0)
     return Rays(*(r.to(device) for r in rays))
 
 
 def test_architecture_matches_official_release():
     m = MipNeRF(ModelArgs())
     ipe, view = 2 * 3 * 16, 3 + 2 * 3 * 4
-    assert [l.in_features for l in m.mlp.trunk] == [ipe, 256, 256, 256, 256, 256 + ipe, 256, 256]
-    assert all(l.out_features == 256 for l in m.mlp.trunk)
+    assert [layer.in_features for layer in m.mlp.trunk] == [ipe, 256, 256, 256, 256, 256 + ipe, 256, 256]
+    assert all(layer.out_features == 256 for layer in m.mlp.trunk)
     assert (m.mlp.density.in_features, m.mlp.density.out_features) == (256, 1)
     assert (m.mlp.bottleneck.in_features, m.mlp.bottleneck.out_features) == (256, 256)
-    assert [(l.in_features, l.out_features) for l in m.mlp.condition] == [(256 + view, 128)]
+    assert [(layer.in_features, layer.out_features) for layer in m.mlp.condition] == [(256 + view, 128)]
     assert (m.mlp.rgb.in_features, m.mlp.rgb.out_features) == (128, 3)
-    expected = ((ipe + 1) * 256 + 6 * 257 * 256 + (256 + ipe + 1) * 256 + 257 + 257 * 256
-                + (256 + view + 1) * 128 + 129 * 3)
+    expected = (
+        (ipe + 1) * 256 + 6 * 257 * 256 + (256 + ipe + 1) * 256 + 257 + 257 * 256 + (256 + view + 1) * 128 + 129 * 3
+    )
     assert sum(p.numel() for p in m.parameters()) == expected
 
 
@@ -47,8 +48,8 @@ def test_zero_network_gives_softplus_bias_density_and_padded_grey():
         torch.nn.init.zeros_(p)
     rays = make_rays((5,))
     (_, _, acc_c), (rgb, dist, acc) = m(rays)
-    sigma = math.log1p(math.exp(-1.))                    # softplus(0 - 1)
-    expected_acc = 1 - torch.exp(-sigma * 4. * rays.directions.norm(dim=-1))
+    sigma = math.log1p(math.exp(-1.0))  # softplus(0 - 1)
+    expected_acc = 1 - torch.exp(-sigma * 4.0 * rays.directions.norm(dim=-1))
     torch.testing.assert_close(acc, expected_acc, rtol=1e-5, atol=1e-6)
     grey = 0.5 * 1.002 - 0.001
     torch.testing.assert_close(rgb, (grey * acc + 1 - acc)[:, None].expand(5, 3), rtol=1e-5, atol=1e-6)
@@ -79,11 +80,12 @@ def test_density_noise_is_gaussian(monkeypatch):
         out = real(x, *args, **kwargs)
         calls.append(out)
         return out
+
     monkeypatch.setattr(torch, 'randn_like', spy)
     m = MipNeRF(ModelArgs(num_samples=256, density_noise=1.0))
     m.train()
     m(make_rays((256,)))
-    assert len(calls) == 2   # one draw per level
+    assert len(calls) == 2  # one draw per level
     noise = torch.cat([c.flatten() for c in calls])
     assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
     calls.clear()
@@ -105,12 +107,14 @@ def test_gradients_reach_every_parameter_and_not_the_resampling(monkeypatch):
     endpoints carry no graph and the gradient of the fine colour w.r.t. the coarse weights that
     placed them is None. With stop_level_grad=False the same probe finds a non-zero gradient."""
     import ray_utils
+
     real, seen = ray_utils.resample_along_rays, {}
 
     def spy(origins, directions, radii, t_vals, weights, *args, **kwargs):
         out = real(origins, directions, radii, t_vals, weights, *args, **kwargs)
         seen['weights'], seen['t_vals'] = weights, out[0]
         return out
+
     monkeypatch.setattr(ray_utils, 'resample_along_rays', spy)
     for stop in (True, False):
         torch.manual_seed(0)
@@ -118,9 +122,9 @@ def test_gradients_reach_every_parameter_and_not_the_resampling(monkeypatch):
         m = MipNeRF(ModelArgs(num_samples=16, stop_level_grad=stop))
         out = m(make_rays((32,)))
         assert 'weights' in seen, 'the fine level was not placed by ray_utils.resample_along_rays'
-        assert seen['weights'].requires_grad          # the coarse weights depend on the parameters
-        fine = out[-1][0].sum()                        # the fine level only
-        g_w, = torch.autograd.grad(fine, seen['weights'], retain_graph=True, allow_unused=True)
+        assert seen['weights'].requires_grad  # the coarse weights depend on the parameters
+        fine = out[-1][0].sum()  # the fine level only
+        (g_w,) = torch.autograd.grad(fine, seen['weights'], retain_graph=True, allow_unused=True)
         if stop:
             assert not seen['t_vals'].requires_grad and g_w is None
             fine.backward()

@@ -1,4 +1,5 @@
 """Precision options and compiled code compute the same function as the plain float32 path."""
+
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_bf16_runs_only_the_mlp_in_bfloat16(device):
     for (r0, _, a0), (r1, d1, a1) in zip(out_ref, out):
         assert r1.dtype == d1.dtype == a1.dtype == torch.float32
         rel = (r1 - r0).norm() / r0.norm()
-        assert rel < 1e-2, rel          # bf16 operands: 1e-3 .. 1e-2
+        assert rel < 1e-2, rel  # bf16 operands: 1e-3 .. 1e-2
         assert (a1 - a0).abs().max() < 0.05
     set_precision(ref, 'fp32')
 
@@ -82,8 +83,20 @@ def test_bf16_training_step_on_cuda_matches_fp32_closely():
 
 
 def test_benchmark_smoke():
-    res = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick', '--device', 'cpu',
-                          '--variants', 'fp32'], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, 'scripts', 'benchmark.py'),
+            '--quick',
+            '--device',
+            'cpu',
+            '--variants',
+            'fp32',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[-3].startswith('| variant | rays/s | ms/step | render s/frame')

@@ -3,6 +3,7 @@
 Closed forms are compared with Monte-Carlo estimates from 100k+ random
 samples; tolerances are a few standard errors of those estimates.
 """
+
 import math
 
 import pytest
@@ -28,7 +29,11 @@ f64 = torch.float64
 def _perp_basis(d):
     """Two unit vectors orthogonal to d and to each other."""
     d = d / d.norm()
-    a = torch.tensor([1., 0., 0.], dtype=d.dtype) if abs(d[0]) < 0.9 else torch.tensor([0., 1., 0.], dtype=d.dtype)
+    a = (
+        torch.tensor([1.0, 0.0, 0.0], dtype=d.dtype)
+        if abs(d[0]) < 0.9
+        else torch.tensor([0.0, 1.0, 0.0], dtype=d.dtype)
+    )
     e1 = torch.linalg.cross(d, a)
     e1 = e1 / e1.norm()
     return e1, torch.linalg.cross(d, e1)
@@ -37,8 +42,8 @@ def _perp_basis(d):
 def _sample_solid(d, t0, t1, radius, shape, n, gen):
     """Uniform samples in a conical frustum (radius `radius * t`) or a cylinder."""
     u = torch.rand(n, dtype=f64, generator=gen)
-    if shape == 'cone':   # density of t is proportional to t^2 (cross-section area)
-        t = (t0 ** 3 + u * (t1 ** 3 - t0 ** 3)) ** (1 / 3)
+    if shape == 'cone':  # density of t is proportional to t^2 (cross-section area)
+        t = (t0**3 + u * (t1**3 - t0**3)) ** (1 / 3)
         r_max = radius * t
     else:
         t = t0 + u * (t1 - t0)
@@ -50,14 +55,19 @@ def _sample_solid(d, t0, t1, radius, shape, n, gen):
 
 
 CASES = [  # (t0, t1, radius): narrow/wide, near/far
-    (1.0, 1.1, 0.002), (1.0, 3.0, 0.002), (5.0, 5.5, 0.05), (0.2, 6.0, 0.3), (40., 41., 0.01)]
+    (1.0, 1.1, 0.002),
+    (1.0, 3.0, 0.002),
+    (5.0, 5.5, 0.05),
+    (0.2, 6.0, 0.3),
+    (40.0, 41.0, 0.01),
+]
 
 
 @pytest.mark.parametrize('shape', ['cone', 'cylinder'])
 @pytest.mark.parametrize('t0,t1,radius', CASES)
 def test_gaussian_matches_monte_carlo_moments(shape, t0, t1, radius):
     gen = torch.Generator().manual_seed(0)
-    d = torch.tensor([0.3, -1.2, 0.7], dtype=f64)          # deliberately not unit length
+    d = torch.tensor([0.3, -1.2, 0.7], dtype=f64)  # deliberately not unit length
     x = _sample_solid(d, t0, t1, radius, shape, N_MC, gen)
     mc_mean, mc_cov = x.mean(0), torch.cov(x.T)
 
@@ -70,15 +80,15 @@ def test_gaussian_matches_monte_carlo_moments(shape, t0, t1, radius):
     std = torch.sqrt(torch.diagonal(mc_cov))
     assert torch.all((mean - mc_mean).abs() < 5 * std / math.sqrt(N_MC) + 1e-12)
     # Standard error of a covariance entry is about sqrt((s_ii s_jj + s_ij^2) / N).
-    se = torch.sqrt((std[:, None] ** 2 * std[None, :] ** 2 + mc_cov ** 2) / N_MC)
+    se = torch.sqrt((std[:, None] ** 2 * std[None, :] ** 2 + mc_cov**2) / N_MC)
     assert torch.all((cov - mc_cov).abs() < 6 * se + 1e-12)
     torch.testing.assert_close(mean_d[0], mean)
     torch.testing.assert_close(cov_d, torch.diagonal(cov))
 
 
 def test_stable_frustum_formula_survives_float32_where_direct_form_fails():
-    d = torch.tensor([0., 0., 1.])
-    t0, t1, r = torch.tensor([1000.]), torch.tensor([1000.01]), torch.tensor([0.001])
+    d = torch.tensor([0.0, 0.0, 1.0])
+    t0, t1, r = torch.tensor([1000.0]), torch.tensor([1000.01]), torch.tensor([0.001])
     ref = conical_frustum_to_gaussian(d.double(), t0.double(), t1.double(), r.double(), diag=True, stable=True)
     stable = conical_frustum_to_gaussian(d, t0, t1, r, diag=True, stable=True)
     direct = conical_frustum_to_gaussian(d, t0, t1, r, diag=True, stable=False)
@@ -87,10 +97,22 @@ def test_stable_frustum_formula_survives_float32_where_direct_form_fails():
     # ... and destroyed by cancellation in the direct form.
     assert (direct[1][..., 2].double() - ref[1][..., 2]).abs().item() > 1e-3
     # In float64 both forms agree on a well-conditioned interval.
-    a = conical_frustum_to_gaussian(d.double(), torch.tensor([1.], dtype=f64), torch.tensor([2.], dtype=f64),
-                                    torch.tensor([0.1], dtype=f64), diag=False, stable=True)
-    b = conical_frustum_to_gaussian(d.double(), torch.tensor([1.], dtype=f64), torch.tensor([2.], dtype=f64),
-                                    torch.tensor([0.1], dtype=f64), diag=False, stable=False)
+    a = conical_frustum_to_gaussian(
+        d.double(),
+        torch.tensor([1.0], dtype=f64),
+        torch.tensor([2.0], dtype=f64),
+        torch.tensor([0.1], dtype=f64),
+        diag=False,
+        stable=True,
+    )
+    b = conical_frustum_to_gaussian(
+        d.double(),
+        torch.tensor([1.0], dtype=f64),
+        torch.tensor([2.0], dtype=f64),
+        torch.tensor([0.1], dtype=f64),
+        diag=False,
+        stable=False,
+    )
     torch.testing.assert_close(a, b)
 
 
@@ -141,15 +163,15 @@ def test_ipe_with_zero_variance_is_pe_and_layout_is_sin_then_cos():
 def test_ipe_damps_high_frequencies_of_wide_gaussians():
     mean = torch.zeros(1, 3)
     wide = integrated_pos_enc(mean + 0.3, torch.full((1, 3), 1.0), 0, 16)
-    assert wide[:, 3 * 4:3 * 16].abs().max() < 1e-6   # degrees >= 4 vanish
+    assert wide[:, 3 * 4 : 3 * 16].abs().max() < 1e-6  # degrees >= 4 vanish
 
 
 def _rays(batch_shape, gen, dtype=torch.float32, device='cpu'):
     o = torch.randn(batch_shape + (3,), generator=gen, dtype=dtype).to(device)
     d = torch.randn(batch_shape + (3,), generator=gen, dtype=dtype).to(device)
     r = (torch.rand(batch_shape + (1,), generator=gen, dtype=dtype) * 0.01).to(device)
-    near = torch.full(batch_shape + (1,), 2., dtype=dtype, device=device)
-    far = torch.full(batch_shape + (1,), 6., dtype=dtype, device=device)
+    near = torch.full(batch_shape + (1,), 2.0, dtype=dtype, device=device)
+    far = torch.full(batch_shape + (1,), 6.0, dtype=dtype, device=device)
     return o, d, r, near, far
 
 
@@ -181,7 +203,7 @@ def test_piecewise_constant_pdf_follows_weights(randomized):
     nb = 12
     bins = torch.cat([torch.zeros(1), torch.cumsum(torch.rand(nb, generator=gen) + 0.1, 0)])
     weights = torch.rand(nb, generator=gen)
-    weights[[2, 7]] = 0.
+    weights[[2, 7]] = 0.0
     n_rays, n = 2000, 64
     s = sorted_piecewise_constant_pdf(bins.expand(n_rays, -1), weights.expand(n_rays, -1), n, randomized, gen)
     assert s.shape == (n_rays, n)
@@ -209,14 +231,14 @@ def test_resample_concentrates_on_blurred_peak_and_stops_gradients():
     o, d, r, near, far = _rays((n_rays,), gen)
     t, _ = sample_along_rays(o, d, r, S, near, far, False, False, 'cone')
     weights = torch.zeros(n_rays, S)
-    weights[:, k] = 1.
+    weights[:, k] = 1.0
     weights.requires_grad_(True)
     new_t, (mean, cov) = resample_along_rays(o, d, r, t, weights, True, 'cone', 0.01, generator=gen)
     assert new_t.shape == (n_rays, S + 1) and not new_t.requires_grad
     assert torch.all(new_t[:, 1:] >= new_t[:, :-1])
     assert torch.all(new_t >= near) and torch.all(new_t <= far)
     # Blurpool turns the spike into 0.5, 1, 0.5 on bins k-1..k+1; padding adds 0.01 per bin.
-    in_peak = ((new_t >= t[:, k - 1:k]) & (new_t < t[:, k + 2:k + 3])).double().mean()
+    in_peak = ((new_t >= t[:, k - 1 : k]) & (new_t < t[:, k + 2 : k + 3])).double().mean()
     expected = (2 + 3 * 0.01) / (2 + S * 0.01)
     assert abs(in_peak - expected) < 0.01
     # No pile-up at the far plane (the "u added twice" bug put half the samples there).
@@ -225,15 +247,15 @@ def test_resample_concentrates_on_blurred_peak_and_stops_gradients():
 
 def test_volume_rendering_of_constant_slab_is_analytic():
     S = 4000
-    t = torch.linspace(2., 6., S + 1, dtype=f64)[None]
+    t = torch.linspace(2.0, 6.0, S + 1, dtype=f64)[None]
     mids = 0.5 * (t[:, 1:] + t[:, :-1])
     a, b, sigma = 3.0, 4.0, 1.7
-    density = torch.where((mids > a) & (mids < b), sigma, 0.).to(f64)
+    density = torch.where((mids > a) & (mids < b), sigma, 0.0).to(f64)
     rgb = torch.tensor([0.2, 0.5, 0.9], dtype=f64).expand(1, S, 3)
     for dir_norm in (1.0, 2.0):
-        dirs = torch.tensor([[0., 0., dir_norm]], dtype=f64)
+        dirs = torch.tensor([[0.0, 0.0, dir_norm]], dtype=f64)
         comp, dist, acc, w = volumetric_rendering(rgb, density, t, dirs, white_bkgd=True)
-        k = sigma * dir_norm                       # density per unit t
+        k = sigma * dir_norm  # density per unit t
         opacity = 1 - math.exp(-k * (b - a))
         depth = a + 1 / k - (b - a) * math.exp(-k * (b - a)) / opacity  # E[t | hit]
         assert abs(acc.item() - opacity) < 1e-3
@@ -243,12 +265,12 @@ def test_volume_rendering_of_constant_slab_is_analytic():
 
 
 def test_volume_rendering_empty_and_opaque():
-    t = torch.linspace(2., 6., 9).expand(3, 9)
+    t = torch.linspace(2.0, 6.0, 9).expand(3, 9)
     dirs = torch.randn(3, 3)
     rgb = torch.rand(3, 8, 3)
     comp, dist, acc, _ = volumetric_rendering(rgb, torch.zeros(3, 8), t, dirs, white_bkgd=True)
     torch.testing.assert_close(comp, torch.ones(3, 3))
-    torch.testing.assert_close(dist, torch.full((3,), 2.))   # near where nothing is hit, as the official release
+    torch.testing.assert_close(dist, torch.full((3,), 2.0))  # near where nothing is hit, as the official release
     assert torch.all(acc == 0)
     density = torch.zeros(3, 8)
     density[:, 3] = 1e6
@@ -261,9 +283,9 @@ def test_volume_rendering_empty_and_opaque():
 def test_outputs_and_gradients_finite_at_extreme_scales():
     gen = torch.Generator().manual_seed(8)
     d = torch.randn(6, 3, generator=gen).requires_grad_(True)
-    t0 = torch.tensor([1e-4, 1., 1e4, 1e4, 2., 1e-3])[:, None].requires_grad_(True)
+    t0 = torch.tensor([1e-4, 1.0, 1e4, 1e4, 2.0, 1e-3])[:, None].requires_grad_(True)
     width = torch.tensor([1e-7, 1e-6, 1e-3, 1e3, 1e4, 1e-3])[:, None]
-    radius = torch.tensor([1e-8, 1e-3, 1., 1e3, 1e-6, 0.])[:, None].requires_grad_(True)
+    radius = torch.tensor([1e-8, 1e-3, 1.0, 1e3, 1e-6, 0.0])[:, None].requires_grad_(True)
     t1 = t0 + width
     for fn in (conical_frustum_to_gaussian, cylinder_to_gaussian):
         mean, cov = fn(d, t0, t1, radius, diag=True)
@@ -272,8 +294,8 @@ def test_outputs_and_gradients_finite_at_extreme_scales():
         grads = torch.autograd.grad(enc.sum() + mean.sum() + cov.sum(), (d, t0, radius))
         assert all(torch.isfinite(g).all() for g in grads)
 
-    t = torch.linspace(2., 6., 9).expand(4, 9)
-    density = torch.tensor([0., 1e-8, 1e3, 1e8])[:, None].expand(4, 8).clone().requires_grad_(True)
+    t = torch.linspace(2.0, 6.0, 9).expand(4, 9)
+    density = torch.tensor([0.0, 1e-8, 1e3, 1e8])[:, None].expand(4, 8).clone().requires_grad_(True)
     rgb = torch.rand(4, 8, 3).requires_grad_(True)
     outs = volumetric_rendering(rgb, density, t, torch.randn(4, 3), white_bkgd=True)
     assert all(torch.isfinite(o).all() for o in outs)
@@ -282,13 +304,13 @@ def test_outputs_and_gradients_finite_at_extreme_scales():
 
 
 def test_pinhole_rays_match_hand_computed_camera():
-    f, w, h = 50., 8, 6
+    f, w, h = 50.0, 8, 6
     pix2cam = ray_utils.pinhole_pix2cam(f, w, h, dtype=f64)
-    c2w = torch.tensor([[0., 0., 1., 4.], [1., 0., 0., -1.], [0., 1., 0., 2.]], dtype=f64)
+    c2w = torch.tensor([[0.0, 0.0, 1.0, 4.0], [1.0, 0.0, 0.0, -1.0], [0.0, 1.0, 0.0, 2.0]], dtype=f64)
     x, y = torch.tensor([0, 7, 3]), torch.tensor([0, 5, 2])
     o, dirs, viewdirs, radii = ray_utils.pixel_rays(pix2cam, c2w, x, y)
     for k in range(3):
-        cam = torch.tensor([(x[k] + 0.5 - w / 2) / f, -(y[k] + 0.5 - h / 2) / f, -1.], dtype=f64)
+        cam = torch.tensor([(x[k] + 0.5 - w / 2) / f, -(y[k] + 0.5 - h / 2) / f, -1.0], dtype=f64)
         torch.testing.assert_close(dirs[k], c2w[:, :3] @ cam)
         torch.testing.assert_close(o[k], c2w[:, 3])
     torch.testing.assert_close(viewdirs.norm(dim=-1), torch.ones(3, dtype=f64))

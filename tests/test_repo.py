@@ -1,4 +1,5 @@
 """The README's quickstart is what CI runs."""
+
 import os
 import re
 

@@ -1,4 +1,5 @@
 """The download scripts, offline: curl fetches file:// archives made here."""
+
 import json
 import os
 import shutil
@@ -9,16 +10,22 @@ import pytest
 
 from conftest import REPO
 
-needs_tools = pytest.mark.skipif(not (shutil.which('curl') and shutil.which('unzip')),
-                                 reason='curl and unzip are needed')
+needs_tools = pytest.mark.skipif(
+    not (shutil.which('curl') and shutil.which('unzip')), reason='curl and unzip are needed'
+)
 
 BLENDER = 'chair drums ficus hotdog lego materials mic ship'.split()
 LLFF = 'fern flower fortress horns leaves orchids room trex'.split()
 
 
 def run(script, data_dir, **env):
-    return subprocess.run(['bash', os.path.join(REPO, 'scripts', script), str(data_dir)],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        ['bash', os.path.join(REPO, 'scripts', script), str(data_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def blender_files(root='nerf_synthetic', skip=None):
@@ -37,10 +44,11 @@ def make_zip(path, names):
 
 def make_layouts(data):
     """Complete (empty-file) layouts of the three datasets in `data`, as the scripts' checks want them."""
-    names = [*blender_files(),
-             *(f'nerf_llff_data/{s}/{f}' for s in LLFF
-               for f in ('poses_bounds.npy', 'images/', 'images_4/', 'images_8/')),
-             *(f'nerf_multiscale/{s}/metadata.json' for s in BLENDER)]
+    names = [
+        *blender_files(),
+        *(f'nerf_llff_data/{s}/{f}' for s in LLFF for f in ('poses_bounds.npy', 'images/', 'images_4/', 'images_8/')),
+        *(f'nerf_multiscale/{s}/metadata.json' for s in BLENDER),
+    ]
     for n in names:
         p = data / n
         if n.endswith('/'):
@@ -55,9 +63,11 @@ def make_blender_zip(path, png=True):
     (with png=False the frames are not images)."""
     import cv2
     import numpy as np
+
     img = cv2.imencode('.png', np.full((16, 16, 4), 200, np.uint8))[1].tobytes() if png else b'not a png'
-    meta = json.dumps({'camera_angle_x': 0.69, 'frames': [{'file_path': './train/r_0',
-                                                          'transform_matrix': np.eye(4).tolist()}]})
+    meta = json.dumps(
+        {'camera_angle_x': 0.69, 'frames': [{'file_path': './train/r_0', 'transform_matrix': np.eye(4).tolist()}]}
+    )
     with zipfile.ZipFile(path, 'w') as z:
         for name in blender_files():
             z.writestr(name, img if name.endswith('.png') else meta)
@@ -106,10 +116,12 @@ def test_download_data_runs_every_script_and_stops_at_the_first_failure(tmp_path
     make_layouts(data)
     res = run('download_data.sh', data, BLENDER_URL='file:///nonexistent.zip', LLFF_URL='file:///nonexistent.zip')
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == [f'Blender scenes already in {data}/nerf_synthetic',
-                                       f'LLFF scenes already in {data}/nerf_llff_data',
-                                       f'multiscale scenes already in {data}/nerf_multiscale',
-                                       f'all datasets are in {data}']
+    assert res.stdout.splitlines() == [
+        f'Blender scenes already in {data}/nerf_synthetic',
+        f'LLFF scenes already in {data}/nerf_llff_data',
+        f'multiscale scenes already in {data}/nerf_multiscale',
+        f'all datasets are in {data}',
+    ]
     shutil.rmtree(data / 'nerf_llff_data' / 'trex')
     res = run('download_data.sh', data, BLENDER_URL='file:///nonexistent.zip', LLFF_URL='file:///nonexistent.zip')
     assert res.returncode != 0
@@ -118,18 +130,29 @@ def test_download_data_runs_every_script_and_stops_at_the_first_failure(tmp_path
 
 
 @needs_tools
-@pytest.mark.parametrize('script,found', [pytest.param(s, f, id=s) for s, f in [
-    ('download_blender.sh', 'Blender scenes already in {}/nerf_synthetic'),
-    ('download_llff.sh', 'LLFF scenes already in {}/nerf_llff_data'),
-    ('download_multicam.sh', 'multiscale scenes already in {}/nerf_multiscale'),
-    ('download_data.sh', 'all datasets are in {}')]])
+@pytest.mark.parametrize(
+    'script,found',
+    [
+        pytest.param(s, f, id=s)
+        for s, f in [
+            ('download_blender.sh', 'Blender scenes already in {}/nerf_synthetic'),
+            ('download_llff.sh', 'LLFF scenes already in {}/nerf_llff_data'),
+            ('download_multicam.sh', 'multiscale scenes already in {}/nerf_multiscale'),
+            ('download_data.sh', 'all datasets are in {}'),
+        ]
+    ],
+)
 def test_relative_data_dir_is_taken_from_the_callers_folder(tmp_path, script, found):
     """A relative DATA_DIR names a folder under the caller's working directory, not the repository."""
     make_layouts(tmp_path / 'rel' / 'data')
-    res = subprocess.run(['bash', os.path.join(REPO, 'scripts', script), 'rel/data'], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, 'BLENDER_URL': 'file:///nonexistent.zip',
-                              'LLFF_URL': 'file:///nonexistent.zip'})
+    res = subprocess.run(
+        ['bash', os.path.join(REPO, 'scripts', script), 'rel/data'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, 'BLENDER_URL': 'file:///nonexistent.zip', 'LLFF_URL': 'file:///nonexistent.zip'},
+    )
     assert res.returncode == 0, res.stderr
     assert last_line(res.stdout) == found.format(tmp_path / 'rel' / 'data')
     assert not os.path.exists(os.path.join(REPO, 'rel'))
@@ -144,7 +167,7 @@ def test_blender_download_unpacks_checks_and_is_idempotent(tmp_path):
     assert f'Blender scenes are in {data}/nerf_synthetic' in res.stdout
     assert (data / 'nerf_synthetic' / 'lego' / 'transforms_train.json').is_file()
     assert not (data / 'nerf_synthetic.zip').exists() and not list(data.glob('.unpack*'))
-    res = run('download_blender.sh', data, BLENDER_URL='file:///nonexistent.zip')   # no download needed
+    res = run('download_blender.sh', data, BLENDER_URL='file:///nonexistent.zip')  # no download needed
     assert res.returncode == 0 and 'already in' in res.stdout
 
 
@@ -166,8 +189,11 @@ def test_blender_download_fails_loudly(tmp_path):
 
 @needs_tools
 def test_llff_download(tmp_path):
-    names = [f'nerf_llff_data/{s}/{f}' for s in LLFF
-             for f in ('poses_bounds.npy', 'images/a.png', 'images_4/a.png', 'images_8/a.png')]
+    names = [
+        f'nerf_llff_data/{s}/{f}'
+        for s in LLFF
+        for f in ('poses_bounds.npy', 'images/a.png', 'images_4/a.png', 'images_8/a.png')
+    ]
     data = tmp_path / 'data'
     res = run('download_llff.sh', data, LLFF_URL=make_zip(tmp_path / 'llff.zip', names))
     assert res.returncode == 0, res.stderr

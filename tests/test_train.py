@@ -1,4 +1,5 @@
 """End-to-end training on a tiny generated scene."""
+
 import glob
 import json
 import os
@@ -15,9 +16,32 @@ from scheduler import learning_rate
 
 
 def train_args(scene, log_dir, *extra):
-    return ['--dataset_name', 'demo', '--base_dir', scene, '--log_dir', str(log_dir), '--device', 'cpu',
-            '--near', '2.5', '--far', '5.5', '--batch_size', '256', '--lr_init', '5e-3', '--lr_final', '5e-4',
-            '--lr_delay_steps', '10', '--log_every', '10', *TINY_NET, *extra]
+    return [
+        '--dataset_name',
+        'demo',
+        '--base_dir',
+        scene,
+        '--log_dir',
+        str(log_dir),
+        '--device',
+        'cpu',
+        '--near',
+        '2.5',
+        '--far',
+        '5.5',
+        '--batch_size',
+        '256',
+        '--lr_init',
+        '5e-3',
+        '--lr_final',
+        '5e-4',
+        '--lr_delay_steps',
+        '10',
+        '--log_every',
+        '10',
+        *TINY_NET,
+        *extra,
+    ]
 
 
 def read_eval(log_dir):
@@ -27,13 +51,29 @@ def read_eval(log_dir):
 
 def test_training_lowers_the_loss_and_writes_logs(tiny_demo, tmp_path, capsys):
     log = tmp_path / 'run'
-    train.main(train_args(tiny_demo, log, '--max_steps', '150', '--eval_every', '50',
-                          '--render_every', '50', '--save_every', '50', '--keep_checkpoints', '2'))
+    train.main(
+        train_args(
+            tiny_demo,
+            log,
+            '--max_steps',
+            '150',
+            '--eval_every',
+            '50',
+            '--render_every',
+            '50',
+            '--save_every',
+            '50',
+            '--keep_checkpoints',
+            '2',
+        )
+    )
     evals = read_eval(log)
     assert [e['step'] for e in evals] == [50, 100, 150]
     assert evals[-1]['psnr'] > evals[0]['psnr'] + 1.0 and evals[-1]['psnr'] > 15
-    assert sorted(os.path.basename(p) for p in glob.glob(str(log / 'ckpt_*.pt'))) == \
-        ['ckpt_0000100.pt', 'ckpt_0000150.pt']
+    assert sorted(os.path.basename(p) for p in glob.glob(str(log / 'ckpt_*.pt'))) == [
+        'ckpt_0000100.pt',
+        'ckpt_0000150.pt',
+    ]
     assert glob.glob(str(log / 'events.out.tfevents.*'))
     assert (log / 'config.txt').exists()
     model, ckpt = load_checkpoint(str(log / 'ckpt_0000150.pt'))
@@ -43,17 +83,25 @@ def test_training_lowers_the_loss_and_writes_logs(tiny_demo, tmp_path, capsys):
 
 def test_tensorboard_has_scalars_and_images(tiny_demo, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     log = tmp_path / 'run'
     train.main(train_args(tiny_demo, log, '--max_steps', '20', '--render_every', '20', '--eval_every', '20'))
     acc = EventAccumulator(str(log), size_guidance={'images': 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {'train/loss', 'train/psnr_coarse', 'train/psnr_fine', 'train/psnr_avg', 'train/lr',
-            'train/rays_per_sec', 'test/psnr'} <= set(tags['scalars'])
+    assert {
+        'train/loss',
+        'train/psnr_coarse',
+        'train/psnr_fine',
+        'train/psnr_avg',
+        'train/lr',
+        'train/rays_per_sec',
+        'test/psnr',
+    } <= set(tags['scalars'])
     assert {'test/rgb', 'test/target', 'test/depth', 'test/acc'} <= set(tags['images'])
     lrs = acc.Scalars('train/lr')
     assert lrs[-1].step == 20
-    assert lrs[-1].value == pytest.approx(5e-4, rel=1e-6)   # the 20th update, at lr_final
+    assert lrs[-1].value == pytest.approx(5e-4, rel=1e-6)  # the 20th update, at lr_final
 
 
 def test_resume_continues_the_schedule_and_is_exact_on_cpu(tiny_demo, tmp_path):
@@ -77,8 +125,9 @@ def test_resume_continues_the_schedule_and_is_exact_on_cpu(tiny_demo, tmp_path):
 
 
 def run_train(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, 'train.py'), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_resume_refuses_a_different_network_and_a_missing_path(tiny_demo, tmp_path):
@@ -101,19 +150,21 @@ def test_level_by_level_backward_equals_one_backward(tiny_demo, device):
     import runs
     import train_utils
     from scheduler import Schedule
+
     cfg = config_lib.get_config(train_args(tiny_demo, 'unused', '--device', device, '--randomized', 'false'))
     data = datasets.dataset_from_config(cfg, 'train')
     from loss import mipnerf_loss
+
     grads, losses = [], []
     for per_level in (True, False):
         torch.manual_seed(0)
         model = runs.build_model(cfg).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
         sampler = datasets.RaySampler(data, 256, torch.device(device), seed=0)
         if per_level:
             loss, psnrs, _, finite = train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, 0)
             assert finite
-        else:   # the reference: one backward of the total loss
+        else:  # the reference: one backward of the total loss
             rays, target = sampler.sample()
             loss, _, psnrs = mipnerf_loss(model(rays), target, rays.lossmult, cfg.coarse_loss_mult)
             loss.backward()
@@ -133,10 +184,11 @@ def test_update_k_uses_the_rate_of_step_k(tiny_demo):
     import runs
     import train_utils
     from scheduler import Schedule
+
     cfg = config_lib.get_config(train_args(tiny_demo, 'unused', '--max_steps', '40'))
     data = datasets.dataset_from_config(cfg, 'train')
     model = runs.build_model(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=0.)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sampler = datasets.RaySampler(data, 16, 'cpu', seed=0)
     for done, expected in ((0, learning_rate(1, 5e-3, 5e-4, 40, 10, 0.01)), (39, 5e-4)):
         assert train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, done)[3]
