@@ -249,26 +249,42 @@ class Stopped(BaseException):
 
 
 class SignalState:
-    """What `stop_on_signals` saw: `signum` of the first SIGINT or SIGTERM, or None."""
+    """What `stop_on_signals` saw: `signum` of the first SIGINT or SIGTERM, or None; `defer` tells
+    whether a first signal is only recorded (True) or raises `Stopped` at once (False)."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, defer):
+        self.signum, self.defer = None, defer
 
     def stopped(self):
         return Stopped(self.signum or signal.SIGTERM)
 
+    @contextlib.contextmanager
+    def at_once(self):
+        """Inside, a signal raises `Stopped` at once even when deferred (long renders in training);
+        one that arrived before raises on entry."""
+        if self.signum is not None:
+            raise self.stopped()
+        defer, self.defer = self.defer, False
+        try:
+            yield
+        finally:
+            self.defer = defer
+
 
 @contextlib.contextmanager
-def stop_on_signals(defer=False):
+def stop_on_signals(defer=False, prog=None, note='nothing written'):
     """Inside, SIGINT and SIGTERM stop the work; yields a `SignalState`.
 
     With `defer=False` the first signal raises `Stopped` at once, and further
     ones are ignored while cleanup runs. With `defer=True` (training, which
     finishes its step and saves) the first signal is only recorded in the
-    state for the caller to poll; a second Ctrl-C raises `Stopped` at once.
-    Outside the main thread (signals cannot be caught there) it does nothing.
+    state for the caller to poll (outside `state.at_once()`); a second Ctrl-C
+    raises `Stopped` at once. With `prog`, a `Stopped` leaving the block
+    becomes one line, `prog: stopped by SIGTERM; note`, and exit status 130
+    or 143. Outside the main thread (signals cannot be caught there) it
+    only yields.
     """
-    state = SignalState()
+    state = SignalState(defer)
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
@@ -277,12 +293,17 @@ def stop_on_signals(defer=False):
         first = state.signum is None
         if first:
             state.signum = signum
-        if (first and not defer) or (not first and defer and signum == signal.SIGINT):
+        if (first and not state.defer) or (not first and state.defer and signum == signal.SIGINT):
             raise Stopped(signum)
 
     previous = {s: signal.signal(s, handler) for s in EXIT_CODES}
     try:
         yield state
+    except Stopped as e:
+        if prog is None:
+            raise
+        sys.stderr.write(f'{prog}: stopped by {e.name}; {note}\n')
+        sys.exit(e.exit_code)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

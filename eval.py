@@ -14,7 +14,6 @@ per scale, in the layout of the paper's multiscale table. LPIPS needs the
 import math
 import os
 import re
-import sys
 
 import cli
 import config
@@ -113,7 +112,7 @@ def main(argv=None):
 
     made = []
     try:
-        with cli.stop_on_signals():
+        with cli.stop_on_signals(prog=PROG):  # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
             try:
                 model, cfg, ckpt, device, data = runs.open_run(args, args.split)
             except (FileNotFoundError, ValueError) as e:
@@ -122,9 +121,6 @@ def main(argv=None):
             if ddp.is_main():
                 made = check_out_dir(args.out_dir)
             run(args, model, data, ckpt, device)
-    except cli.Stopped as e:
-        sys.stderr.write(f'{PROG}: stopped by {e.name}; nothing written\n')
-        sys.exit(e.exit_code)
     finally:
         cli.remove_empty_dirs(made)  # a folder made here stays only if it holds the evaluation
         ddp.cleanup()

@@ -22,7 +22,6 @@ partial file (and no folder this script made).
 
 import math
 import os
-import sys
 
 import cli
 import config
@@ -50,15 +49,7 @@ def build_parser():
         metavar=('XMIN', 'YMIN', 'ZMIN', 'XMAX', 'YMAX', 'ZMAX'),
         help="bounding box (default: the dataset's)",
     )
-    p.add_argument(
-        '--colors',
-        type=cli.str2bool,
-        nargs='?',
-        const=True,
-        default=False,
-        metavar='BOOL',
-        help="add vertex colours (the model's colour seen along the normal)",
-    )
+    cli.add_bool(p, '--colors', False, "add vertex colours (the model's colour seen along the normal)")
     p.add_argument(
         '--min_component',
         type=float,
@@ -152,34 +143,23 @@ def main(argv=None):
     out = args.out or os.path.join(args.log_dir, 'mesh.ply')
     made = []
     try:
-        with cli.stop_on_signals():  # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
+        with cli.stop_on_signals(prog=PROG):  # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
             try:
                 model, cfg, ckpt, device, _ = runs.open_run(args)
             except (FileNotFoundError, ValueError) as e:
                 fail(e)
-            problem = None
-            if ddp.is_main():
-                try:
-                    made = cli.prepare_out_dir(
-                        os.path.dirname(os.path.abspath(out)),
-                        cli.partial_path(out),
-                        *(
-                            ('--out', 'pick a writable place')
-                            if args.out
-                            else ('--log_dir', 'pass --out with a writable file name')
-                        ),
-                        out,
-                    )
-                except ValueError as e:
-                    problem = str(e)
-            if ddp.any_rank([problem is not None], device)[0]:  # every rank stops, not only rank 0
-                if problem:
-                    fail(problem)
-                sys.exit(2)
+            flag = (
+                ('--out', 'pick a writable place')
+                if args.out
+                else ('--log_dir', 'pass --out with a writable file name')
+            )
+            try:
+                made = runs.prepare_out_dir(
+                    device, os.path.dirname(os.path.abspath(out)), cli.partial_path(out), *flag, value=out
+                )
+            except ValueError as e:
+                fail(e)
             extract(args, out, model, cfg, ckpt, device)
-    except cli.Stopped as e:
-        sys.stderr.write(f'{PROG}: stopped by {e.name}; nothing written\n')
-        sys.exit(e.exit_code)
     finally:
         cli.remove_empty_dirs(made)  # a folder made here stays only if it holds the mesh
         ddp.cleanup()

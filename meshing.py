@@ -42,7 +42,10 @@ def density_grid(density_fn, bbox_min, bbox_max, n, chunk=1 << 18, device='cpu',
     rows = max(1, chunk // (n * n))  # x-slabs per block
     starts = list(range(0, n, rows))
     for first in tqdm(
-        range(0, len(starts), world), desc='density grid', disable=not (progress and main), dynamic_ncols=True
+        range(0, len(starts), world),
+        desc='density grid',
+        disable=None if progress and main else True,
+        dynamic_ncols=True,
     ):
         block, values = first + rank, None
         if block < len(starts):

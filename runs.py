@@ -248,3 +248,23 @@ def open_run(args, split=None):
         cfg.base_dir = args.base_dir
     data = datasets.dataset_from_config(cfg, split) if split else None
     return model, cfg, ckpt, device, data
+
+
+def prepare_out_dir(device, out_dir, probe, flag, hint, value=None):
+    """`cli.prepare_out_dir` on rank 0, its outcome shared with every rank (one collective).
+
+    Returns the folders made (rank 0). When the place cannot be written,
+    rank 0 raises ValueError with the one-line reason and the other ranks
+    exit with status 2, so that no rank renders for nothing.
+    """
+    made, problem = [], None
+    if ddp.is_main():
+        try:
+            made = cli.prepare_out_dir(out_dir, probe, flag, hint, value)
+        except ValueError as e:
+            problem = e
+    if ddp.any_rank([problem is not None], device)[0]:
+        if problem is not None:
+            raise problem
+        raise SystemExit(2)
+    return made

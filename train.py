@@ -88,17 +88,18 @@ def run(cfg, signals):
         step = state.step
         if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             tu.log_scalars(state, loss, psnrs, grad_norm, bar)
-        t = time.time()
-        if main and cfg.render_every and step % cfg.render_every == 0:
-            tu.preview(state)
-        if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            tu.evaluate(state, cfg.eval_views)
-        state.eval_seconds += time.time() - t
-        state.window[0] += time.time() - t  # keep rendering time out of rays/s
+        if main:  # a signal stops a render at once; the loop then saves and stops
+            t = time.time()
+            if cfg.render_every and step % cfg.render_every == 0:
+                tu.interruptible(signals, tu.preview, state)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                tu.interruptible(signals, tu.evaluate, state, cfg.eval_views)
+            state.eval_seconds += time.time() - t
+            state.window[0] += time.time() - t  # keep rendering time out of rays/s
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             tu.save(state)
     bar.close()
-    code = tu.finish(state, signals.signum if signalled else None, out_of_time)
+    code = tu.finish(state, signals, signalled, out_of_time)
     if code:
         sys.exit(code)
 

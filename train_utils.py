@@ -338,31 +338,45 @@ def save(state):
     that a resume with as many processes continues their streams exactly.
     """
     rank_states = ddp.gather({'sampler': state.sampler.state_dict(), 'rng': runs.rng_state()})
-    if not state.main:
-        return True
-    path = runs.checkpoint_path(state.cfg.log_dir, state.step)
-    try:
-        runs.save_checkpoint(path, runs.checkpoint(state, rank_states))
-    except OSError as e:
-        previous = runs.list_checkpoints(state.cfg.log_dir)
-        tqdm.write(
-            f'could not save {path}: {e}; '
-            + (f'{previous[-1]} is intact' if previous else 'no earlier checkpoint exists')
-        )
-        return False
-    runs.prune_checkpoints(state.cfg.log_dir, state.cfg.keep_checkpoints)
-    state.saved_at = state.step
+    if state.main:
+        path = runs.checkpoint_path(state.cfg.log_dir, state.step)
+        try:
+            runs.save_checkpoint(path, runs.checkpoint(state, rank_states))
+        except OSError as e:
+            previous = runs.list_checkpoints(state.cfg.log_dir)
+            tqdm.write(
+                f'could not save {path}: {e}; '
+                + (f'{previous[-1]} is intact' if previous else 'no earlier checkpoint exists')
+            )
+            return False
+        runs.prune_checkpoints(state.cfg.log_dir, state.cfg.keep_checkpoints)
+    state.saved_at = state.step  # on every rank: the end of the run saves again on all of them or none
     return True
 
 
-def finish(state, signum, out_of_time):
-    """The end of a run. After a signal (`signum`): save and return its exit code (130, 143).
-    Otherwise: evaluate on all test views, save the final checkpoint, and return 0 (1 if it
-    could not be saved)."""
+def interruptible(signals, fn, *args):
+    """fn(*args), which a SIGINT or SIGTERM stops at once (a long render, an evaluation); the
+    signal stays recorded in `signals` for the loop to save and stop. Nothing runs when one is
+    already pending."""
+    try:
+        with signals.at_once():
+            fn(*args)
+    except cli.Stopped:
+        pass
+
+
+def finish(state, signals, signalled, out_of_time):
+    """The end of a run. After a signal: save and return its exit code (130, 143). Otherwise:
+    evaluate on all test views (a signal stops it, as above), save the final checkpoint, and return
+    0 (1 if it could not be saved)."""
     cfg, main, step = state.cfg, state.main, state.step
-    if signum is not None:
+    if out_of_time and main and not signalled:
+        print(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
+    if main and not signalled and cfg.eval_every and state.evaluated_at != step:  # the end: all test views
+        interruptible(signals, evaluate, state, 0)
+    if signalled or signals.signum is not None:
         saved = state.saved_at == step or save(state)
-        stop = cli.Stopped(signum)
+        stop = signals.stopped()
         if main:
             print(
                 f'{stop.name}: stopped at step {step}'
@@ -371,10 +385,6 @@ def finish(state, signum, out_of_time):
             )
             state.writer.close()
         return stop.exit_code
-    if out_of_time and main:
-        print(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
-    if main and cfg.eval_every and state.evaluated_at != step:  # the end: all test views
-        evaluate(state, 0)
     saved = state.saved_at == step or save(state)
     if main:
         state.writer.close()

@@ -14,7 +14,6 @@ config from the run's checkpoint.
 """
 
 import os
-import sys
 
 import cli
 import config
@@ -107,24 +106,8 @@ def build_parser():
         help='frames per second of the videos (so n_frames / fps seconds long)',
     )
     p.add_argument('--render_factor', type=cli.positive_int, default=1, help='render at 1/N of the dataset resolution')
-    p.add_argument(
-        '--visualize_depth',
-        type=cli.str2bool,
-        nargs='?',
-        const=True,
-        default=False,
-        metavar='BOOL',
-        help='also write depth.mp4',
-    )
-    p.add_argument(
-        '--visualize_normals',
-        type=cli.str2bool,
-        nargs='?',
-        const=True,
-        default=False,
-        metavar='BOOL',
-        help='also write normals.mp4',
-    )
+    cli.add_bool(p, '--visualize_depth', False, 'also write depth.mp4')
+    cli.add_bool(p, '--visualize_normals', False, 'also write normals.mp4')
     p.add_argument(
         '--radius',
         type=cli.positive_float,
@@ -159,7 +142,7 @@ def main(argv=None):
 
     made = []
     try:
-        with cli.stop_on_signals():
+        with cli.stop_on_signals(prog=PROG, note='partial videos removed, nothing written'):
             try:
                 model, cfg, ckpt, device, data = runs.open_run(args, 'test')
                 path = args.path or ('spiral' if data.ndc is not None else 'spherical')
@@ -177,31 +160,21 @@ def main(argv=None):
             except (FileNotFoundError, ValueError) as e:
                 fail(e)
             out_dir = args.out_dir or args.log_dir
-            problem = None
-            if ddp.is_main():
-                try:
-                    made = cli.prepare_out_dir(
-                        out_dir,
-                        os.path.join(out_dir, 'video.partial.mp4'),
-                        *(
-                            ('--out_dir', 'pick a writable folder')
-                            if args.out_dir
-                            else ('--log_dir', 'pass --out_dir with a writable folder')
-                        ),
-                    )
-                except ValueError as e:
-                    problem = str(e)
-            if ddp.any_rank([problem is not None], device)[0]:  # every rank stops, not only rank 0
-                if problem:
-                    fail(problem)
-                sys.exit(2)
+            flag = (
+                ('--out_dir', 'pick a writable folder')
+                if args.out_dir
+                else ('--log_dir', 'pass --out_dir with a writable folder')
+            )
+            try:
+                made = runs.prepare_out_dir(
+                    device, out_dir, cli.partial_path(os.path.join(out_dir, 'video.mp4')), *flag
+                )
+            except ValueError as e:
+                fail(e)
             try:
                 write_videos(args, model, path, poses, frames, ckpt['step'], out_dir)
             except OSError as e:  # a full disk, or ffmpeg failing: the first line says which
                 fail(f'writing the videos into {out_dir} failed: {str(e).strip().splitlines()[0]}')
-    except cli.Stopped as e:
-        sys.stderr.write(f'{PROG}: stopped by {e.name}; partial videos removed, nothing written\n')
-        sys.exit(e.exit_code)  # 130 for Ctrl-C, 143 for SIGTERM, as train.py
     finally:
         cli.remove_empty_dirs(made)  # a folder made here stays only if it holds a video
         ddp.cleanup()

@@ -1,9 +1,18 @@
-"""The README's quickstart is what CI runs."""
+"""The repository's rules: the README's quickstart is what CI runs, and one room per job."""
 
+import ast
+import glob
 import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 from conftest import REPO
+
+ENTRY_SCRIPTS = {'train', 'eval', 'visualize', 'extract_mesh'}
+PROJECT = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, '*.py'))} | {'scripts'}
 
 
 def quickstart_commands():
@@ -17,5 +26,51 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2 and all('\n' not in c for c in commands)
     demo, tests = commands
     assert 'configs/demo.txt' in demo and 'pytest' in tests
+    assert os.path.isfile(os.path.join(REPO, 'configs', 'demo.txt'))
     ci = open(os.path.join(REPO, '.ci', 'run')).read()
     assert tests in ci.splitlines()
+
+
+def project_imports(path):
+    """The project modules a file imports, anywhere in it (also inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split('.')[0])
+    return names & PROJECT
+
+
+def test_no_module_imports_an_entry_script():
+    """Library modules never import an entry script; entry scripts never import each other."""
+    files = glob.glob(os.path.join(REPO, '*.py')) + glob.glob(os.path.join(REPO, 'scripts', '*.py'))
+    assert len(files) > 15
+    for path in files:
+        me = os.path.splitext(os.path.basename(path))[0]
+        bad = project_imports(path) & (ENTRY_SCRIPTS | {'scripts'}) - {me}
+        assert not bad, f'{os.path.relpath(path, REPO)} imports {sorted(bad)}'
+
+
+def test_model_imports_nothing_of_the_project_but_ray_utils():
+    assert project_imports(os.path.join(REPO, 'model.py')) == {'ray_utils'}
+
+
+@pytest.mark.parametrize('script', sorted(ENTRY_SCRIPTS))
+@pytest.mark.parametrize('flags', [['--help'], ['--no_such_flag'], ['--chunk', '0']])
+def test_flags_answer_before_torch_loads(script, flags):
+    """--help and a bad flag answer without importing torch (which takes seconds on a small CPU)."""
+    code = (
+        'import runpy, sys\n'
+        f'sys.argv = [{script + ".py"!r}] + {flags!r}\n'
+        'try:\n'
+        f'    runpy.run_path({os.path.join(REPO, script + ".py")!r}, run_name="__main__")\n'
+        'except SystemExit as e:\n'
+        '    print("exit", e.code, "torch" in sys.modules)\n'
+    )
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    last = res.stdout.strip().splitlines()[-1]
+    expected = 0 if flags == ['--help'] else 2
+    assert last == f'exit {expected} False', (res.stdout[-500:], res.stderr[-500:])
+    if expected:
+        assert res.stderr.count('\n') == 1 and res.stderr.startswith(f'{script}.py: error: ')

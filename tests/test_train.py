@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -193,3 +194,16 @@ def test_update_k_uses_the_rate_of_step_k(tiny_demo):
     for done, expected in ((0, learning_rate(1, 5e-3, 5e-4, 40, 10, 0.01)), (39, 5e-4)):
         assert train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, done)[3]
         assert opt.param_groups[0]['lr'] == pytest.approx(expected)
+
+
+def test_a_log_file_gets_lines_not_progress_bars(tiny_demo, tmp_path):
+    """Output redirected to a file (not a terminal): no progress-bar redraws, one line per
+    log_every and per evaluation, each on its own line."""
+    log = tmp_path / 'run'
+    res = run_train(*train_args(tiny_demo, log, '--max_steps', '30', '--eval_every', '15', '--log_every', '10'))
+    assert res.returncode == 0, res.stderr
+    assert '\r' not in res.stdout + res.stderr and 'it/s' not in res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert [ln.split(':')[0] for ln in lines if re.match(r'step \d+: loss', ln)] == ['step 10', 'step 20', 'step 30']
+    assert [ln.split(':')[0] for ln in lines if re.match(r'step \d+: test PSNR', ln)] == ['step 15', 'step 30']
+    assert lines[-1].startswith('done: 30 steps')
