@@ -16,12 +16,15 @@ answer `--help`, before the heavy modules load.
 
 import argparse
 import contextlib
+import fcntl
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 
 import configargparse
 
@@ -177,15 +180,17 @@ def fsync_dir(folder):
 
 
 @contextlib.contextmanager
-def atomic_output(path, folder=False):
+def atomic_output(path, folder=False, check=None):
     """Write `path` through a temporary sibling that is renamed into place only when complete.
 
     Yields the temporary path (`partial_path(path)`; a fresh empty folder with
     `folder=True`), which the block writes. When the block returns, the
-    output must exist (a file must not be empty); it is flushed to disk and
-    renamed over `path`, replacing an earlier one. When the block raises, or
-    the output is missing, the temporary is removed, `path` is left as it
-    was, and the exception (an OSError for a missing output) propagates.
+    output must exist (a file must not be empty) and pass `check(tmp)`, if
+    given (which raises OSError when the output is incomplete); it is then
+    flushed to disk and renamed over `path`, replacing an earlier one. When
+    the block raises, or the output is missing or incomplete, the temporary
+    is removed, `path` is left as it was, and the exception (an OSError for
+    a missing output) propagates.
     """
     tmp = partial_path(path)
     _remove(tmp)
@@ -195,6 +200,8 @@ def atomic_output(path, folder=False):
         yield tmp
         if not os.path.exists(tmp) or (not folder and os.path.getsize(tmp) == 0):
             raise OSError(f'{path} was not written')
+        if check is not None:
+            check(tmp)
         if not folder:
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
@@ -223,6 +230,78 @@ def _remove(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+# ----------------------------------------------------------------------------
+# One writer at a time.
+
+
+class Busy(Exception):
+    """Another live process holds the lock; the message names it."""
+
+
+class Lock:
+    """An exclusive lock on `path` (a small file), held from `acquire` to `release`.
+
+    The file holds the holder's pid, host, command and start time, which a
+    refused process names. The lock is an advisory `flock`, which the kernel
+    drops when its process dies: a lock file left by a killed process is
+    taken over. `release` removes the file.
+    """
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self):
+        """Take the lock or raise Busy; OSError when the file cannot be made."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise Busy(f'in use by {self.holder()}') from None
+            try:  # the file may have been released and removed between our open and our flock
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        info = f'pid {os.getpid()} on {socket.gethostname()} ({" ".join(sys.argv)[:200]}), since {time.ctime()}'
+        try:  # who holds it, for the refusal's message; the lock holds even when a full disk keeps this out
+            os.ftruncate(fd, 0)
+            os.write(fd, info.encode())
+        except OSError:
+            pass
+        self.fd = fd
+        return self
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return f.read().strip() or 'another process'
+        except OSError:
+            return 'another process'
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_path(path):
+    """The lock file of an output (a file or a folder): `<path>.lock` beside it."""
+    return path.rstrip('/') + '.lock'
 
 
 # ----------------------------------------------------------------------------

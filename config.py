@@ -83,6 +83,7 @@ POSITIVE = (
     'log_every',
     'keep_checkpoints',
     'max_nonfinite',
+    'max_rollbacks',
     'llffhold',
     'lr_delay_mult',
 )
@@ -182,6 +183,12 @@ def build_parser():
     flag('--lr_delay_mult', type=float, default=0.01, help='learning-rate multiplier at step 0 of the warm-up')
     flag('--coarse_loss_mult', type=float, default=0.1, help='weight of the coarse levels in the loss')
     flag('--grad_max_norm', type=float, default=0.0, help='clip the gradient norm (0: off)')
+    flag(
+        '--max_rollbacks',
+        type=int,
+        default=5,
+        help='stop the run after this many reloads for non-finite steps (each halves the learning rate again)',
+    )
     flag(
         '--max_nonfinite',
         type=int,
@@ -297,6 +304,7 @@ def check_resolved(cfg, need_data=True):
         raise ConfigError(f'--near ({cfg.near}) must be less than --far ({cfg.far})')
     if cfg.lindisp and cfg.near <= 0:
         raise ConfigError('--lindisp needs --near > 0')
+    check_sampling_range(cfg)
     if need_data and cfg.dataset_name != 'demo' and not os.path.isdir(cfg.base_dir):
         import datasets  # torch: only once the flags are known to be good
 
@@ -314,6 +322,31 @@ def check_resolved(cfg, need_data=True):
             )
         raise ConfigError(
             f'scene folder {cfg.base_dir} not found: run {script} (or pass --data_dir/--scene/--base_dir)'
+        )
+
+
+def check_sampling_range(cfg):
+    """Refuse --near/--far whose samples overflow float32 (the frustum Gaussians' variances grow as t^4)."""
+    import torch  # only once the flags are known to be good
+
+    import ray_utils
+
+    one = torch.ones(1, 1)
+    _, (mean, cov) = ray_utils.sample_along_rays(
+        torch.zeros(1, 3),
+        torch.tensor([[0.0, 0.0, -1.0]]),
+        1e-3 * one,
+        cfg.num_samples,
+        cfg.near * one,
+        cfg.far * one,
+        False,
+        cfg.lindisp,
+        cfg.ray_shape,
+    )
+    if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+        raise ConfigError(
+            f"--far {cfg.far:g}: samples that far overflow float32 (their Gaussians' variances grow as distance^4); "
+            'pass a --far below 1e7 (in scene units)'
         )
 
 

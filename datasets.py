@@ -14,9 +14,12 @@ add the NDC warp of the official release.
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -104,10 +107,44 @@ def apply_defaults(cfg):
 # Images.
 
 
+def _path_problem(path, noun='a file'):
+    """Why `path` is not a readable file (or, with noun='a folder', a folder): (what it is, the fix), or None.
+
+    Only a path that is truly absent is 'is missing' (its fix None: the caller's); a folder, a broken
+    symbolic link, a link loop or an unreadable file each say so.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return 'is a symbolic-link loop', f'replace the link with the real {noun.split()[-1]}'
+        if os.path.islink(path):
+            return f'is a broken symbolic link (to {os.readlink(path)})', 'restore its target'
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return 'is missing', None
+        return f'cannot be accessed ({e.strerror})', 'check its permissions'
+    if noun == 'a folder':
+        return None if stat.S_ISDIR(st.st_mode) else ('is a file, not a folder', 'replace it with the folder')
+    if stat.S_ISDIR(st.st_mode):
+        return f'is a folder, not {noun}', f'replace it with {noun}'
+    if not stat.S_ISREG(st.st_mode):
+        return 'is not a regular file (a pipe, socket or device)', f'replace it with {noun}'
+    if not os.access(path, os.R_OK):
+        return 'is not readable (permission denied)', 'make it readable (chmod a+r)'
+    return None
+
+
+def _check_path(path, label, noun, missing_fix):
+    """Raise a DataError '<label> <what it is>: <fix>' unless `path` is a readable file (or folder)."""
+    problem = _path_problem(path, noun)
+    if problem is not None:
+        what, fix = problem
+        raise DataError(f'{label} {what}: {fix or missing_fix}' + (f', or {missing_fix}' if fix else ''))
+
+
 def read_image(path):
     """An image file as float32 `[H, W, C]` in [0, 1] (RGB or RGBA)."""
-    if not os.path.isfile(path):
-        raise DataError(f'image {path} is missing: re-download or regenerate the scene')
+    _check_path(path, f'image {path}', 'an image', 're-download or regenerate the scene')
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f'image {path} is unreadable (truncated or not an image): re-download the scene')
@@ -143,25 +180,85 @@ def _read_all(paths, fn):
         return list(pool.map(fn, paths))
 
 
-def _same_size(images, files):
-    first = images[0].shape[:2]
-    for path, im in zip(files, images):
-        if im.shape[:2] != first:
+def _same_size(sizes, files):
+    """Refuse images of one split whose (H, W) differ (as read, before any --factor)."""
+    first = tuple(sizes[0])
+    for path, size in zip(files, sizes):
+        if tuple(size) != first:
             raise DataError(
-                f'image {path} has size {im.shape[:2]}, but {files[0]} has {first}: '
+                f'image {path} has size {tuple(size)}, but {files[0]} has {first}: '
                 'all images of a split must have the same size'
             )
-    return torch.from_numpy(np.stack(images))
+
+
+def _load_images(files, white_bkgd, factor=0):
+    """The images of one split, composited and area-downsampled, as one float32 `[N, H, W, 3]` tensor.
+
+    Sizes are compared as read, so that --factor cannot hide a mismatch (800x800 and 801x801 both
+    become 400x400 at --factor 2). With `white_bkgd`, images without alpha are noted on stdout.
+    """
+
+    def one(path):
+        img = read_image(path)
+        return img.shape[:2], img.shape[-1] == 4, area_downsample(composite(img, white_bkgd), factor)
+
+    read = _read_all(files, one)
+    _same_size([size for size, _, _ in read], files)
+    if white_bkgd:
+        _note_no_alpha([alpha for _, alpha, _ in read], files)
+    return torch.from_numpy(np.stack([img for _, _, img in read]))
+
+
+def _note_no_alpha(has_alpha, files):
+    """One note line when some images of a white-background split have no alpha channel."""
+    k = has_alpha.count(False)
+    if k:
+        folder = os.path.commonpath([os.path.dirname(f) or '.' for f in files])
+        print(
+            f'note: {k} of {len(files)} images in {folder} {"has" if k == 1 else "have"} no alpha channel: '
+            'used as they are, the white background is not composited onto them'
+        )
+
+
+def _short(v, n=60):
+    """repr(v) cut to n characters, for messages."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + '...'
+
+
+def _check_poses(c2w, field, where, fix):
+    """Refuse camera-to-world poses `[N, 3, >=3]` with NaN or inf, or whose 3x3 rotation is degenerate or mirrored.
+
+    `where(i)` names camera i (file, index, image) in the message; `fix` ends it.
+    """
+    c2w = np.asarray(c2w, dtype=np.float64)
+    finite = np.isfinite(c2w).reshape(len(c2w), -1).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise DataError(f'{where(i)} has NaN or inf in its {field}: {fix}')
+    det = np.linalg.det(c2w[:, :3, :3])
+    for i, d in enumerate(det):
+        if abs(d) < 1e-6:
+            raise DataError(
+                f'{where(i)} has a degenerate rotation: the 3x3 rotation of its {field} has determinant {d:.3g} '
+                f'(all zero or singular): {fix}'
+            )
+        if d < 0:
+            raise DataError(
+                f'{where(i)} is a mirrored camera: the 3x3 rotation of its {field} has determinant {d:.3g} < 0, '
+                f'so it would train on mirrored geometry (a rotation has determinant +1): {fix}'
+            )
 
 
 def _load_json(path):
-    if not os.path.isfile(path):
-        raise DataError(f'{path} is missing: re-download the scene')
+    _check_path(path, path, 'a file', 're-download the scene')
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f'{path} is not valid JSON ({e}): re-download the scene') from None
+    except OSError as e:
+        raise DataError(f'{path} cannot be read ({e.strerror or e}): re-download the scene') from None
 
 
 # ----------------------------------------------------------------------------
@@ -265,43 +362,65 @@ def make_rays(pix2cam, cam2world, x, y, h, w, near, far, lossmult, ndc=None):
 def load_blender(base_dir, split, factor=0, white_bkgd=True, near=2.0, far=6.0, **_):
     """The NeRF synthetic (Blender) format: transforms_{split}.json + RGBA PNGs."""
     meta_path = os.path.join(base_dir, f'transforms_{split}.json')
-    if not os.path.isfile(meta_path) and os.path.isdir(base_dir):
-        splits = sorted(
-            f[len('transforms_') : -len('.json')]
-            for f in os.listdir(base_dir)
-            if f.startswith('transforms_') and f.endswith('.json')
-        )
-        if not splits:
+    problem = _path_problem(meta_path)
+    if problem is not None and os.path.isdir(base_dir):
+        entries = sorted(f for f in os.listdir(base_dir) if f.startswith('transforms_') and f.endswith('.json'))
+        readable = [f for f in entries if _path_problem(os.path.join(base_dir, f)) is None]
+        splits = [f[len('transforms_') : -len('.json')] for f in readable]  # only those that really are files
+        what, fix = problem
+        if what == 'is missing':
+            if not entries:
+                raise DataError(
+                    f'{base_dir} is not a Blender scene (no transforms_*.json): check --dataset_name and --base_dir'
+                )
+            if not splits:
+                raise DataError(
+                    f'{meta_path} is missing, and {", ".join(entries)} {"is" if len(entries) == 1 else "are"} '
+                    'not a readable file: re-download the scene'
+                )
             raise DataError(
-                f'{base_dir} is not a Blender scene (no transforms_*.json): check --dataset_name and --base_dir'
+                f'{meta_path} is missing; the scene has the splits {", ".join(splits)}: '
+                're-download it if one should be there'
             )
-        raise DataError(
-            f'{meta_path} is missing; the scene has the splits {", ".join(splits)}: '
-            're-download it if one should be there'
-        )
+        others = f'the scene has the splits {", ".join(splits)}' if splits else 'no other split is readable'
+        raise DataError(f'{meta_path} {what}; {others}: {fix}, or re-download the scene')
     meta = _load_json(meta_path)
     try:
         camera_angle_x = float(meta['camera_angle_x'])
         frames = meta['frames']
-        files = [
-            os.path.join(base_dir, f['file_path'] + ('' if f['file_path'].endswith('.png') else '.png')) for f in frames
-        ]
-        cams = np.array([f['transform_matrix'] for f in frames], dtype=np.float32)
+        paths = [f['file_path'] for f in frames]
+        cams = np.array([f['transform_matrix'] for f in frames], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(
             f'{meta_path} is malformed ({type(e).__name__}: {e}): '
             'it needs camera_angle_x and frames with file_path and a 4x4 transform_matrix'
         ) from None
-    if len(files) == 0 or cams.shape[1:] != (4, 4):
+    if len(paths) == 0 or cams.shape[1:] != (4, 4):
         raise DataError(f'{meta_path} is malformed: it needs at least one frame with a 4x4 transform_matrix')
-
-    images = _same_size(
-        _read_all(files, lambda p: area_downsample(composite(read_image(p), white_bkgd), factor)), files
+    if not 0 < camera_angle_x < math.pi:  # NaN too
+        raise DataError(
+            f'{meta_path}: camera_angle_x is {camera_angle_x}, but it must be the horizontal field of view in '
+            'radians, between 0 and pi: fix it or re-download the scene'
+        )
+    for i, p in enumerate(paths):
+        if not isinstance(p, str):
+            raise DataError(
+                f'{meta_path}: frame {i} has file_path {_short(p)}, not a string: set it to the image path '
+                f'relative to the scene (such as "./{split}/r_{i}") or re-download the scene'
+            )
+    _check_poses(
+        cams,
+        'transform_matrix',
+        lambda i: f'{meta_path}: frame {i} ({paths[i]})',
+        'fix the frame or re-download the scene',
     )
+    files = [os.path.join(base_dir, p + ('' if p.endswith('.png') else '.png')) for p in paths]
+
+    images = _load_images(files, white_bkgd, factor)
     n, h, w = images.shape[:3]
     focal = 0.5 * w / np.tan(0.5 * camera_angle_x)
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
-    return SceneData(images, pix2cam, torch.from_numpy(cams[:, :3, :4]), near, far)
+    return SceneData(images, pix2cam, torch.from_numpy(cams[:, :3, :4].astype(np.float32)), near, far)
 
 
 # ----------------------------------------------------------------------------
@@ -312,9 +431,29 @@ def llff_image_dir(base_dir, factor):
     """images_{factor}/, made from images/ by area averaging and cached if missing."""
     name = f'images_{factor}' if factor > 1 else 'images'
     folder = os.path.join(base_dir, name)
-    if os.path.isdir(folder):
+    problem = _path_problem(folder, 'a folder')
+    if problem is None:
         return folder
+    what, fix = problem
+    if what != 'is missing':
+        raise DataError(f'{folder} {what}: {fix}, or re-download the scene')
     source = os.path.join(base_dir, 'images')
+    if factor <= 1:  # the full resolution was asked for: name the downsampled folders there are
+        found = sorted(
+            (int(m.group(1)), d)
+            for d in os.listdir(base_dir)
+            if (m := re.fullmatch(r'images_(\d+)', d)) and os.path.isdir(os.path.join(base_dir, d))
+        )
+        if not found:
+            raise DataError(
+                f'{folder} is missing (--factor {factor} reads the full-resolution images): re-download the scene'
+            )
+        flags = [f'--factor {k}' for k, _ in found]
+        flags = flags[0] if len(flags) == 1 else ', '.join(flags[:-1]) + ' or ' + flags[-1]
+        raise DataError(
+            f'{folder} is missing (--factor {factor} reads the full-resolution images); '
+            f'{os.path.basename(os.path.normpath(base_dir))} has {", ".join(d for _, d in found)}: pass {flags}'
+        )
     if not os.path.isdir(source):
         raise DataError(f'{folder} is missing and there is no {source} to make it from: re-download the scene')
     files = sorted(f for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -344,24 +483,43 @@ def llff_image_dir(base_dir, factor):
     return folder
 
 
-def load_llff_poses(base_dir, factor, num_images=None):
+def load_llff_poses(base_dir, factor, num_images=None, names=None):
     """Poses and bounds of poses_bounds.npy, scaled and re-centred as the official release.
 
     Returns cam2world `[N, 3, 4]` (OpenGL axes), bounds `[N, 2]` and the
-    focal length at `factor` (float64 numpy).
+    focal length at `factor` (float64 numpy). `names` (the image files, optional)
+    name the image of a bad row in messages.
     """
     path = os.path.join(base_dir, 'poses_bounds.npy')
-    if not os.path.isfile(path):
-        raise DataError(f'{path} is missing: re-download the scene')
+    _check_path(path, path, 'a file', 're-download the scene')
+    if os.path.getsize(path) == 0:
+        raise DataError(f'{path} is empty (0 bytes): re-download the scene')
     try:
         arr = np.load(path).astype(np.float64)
-    except (ValueError, OSError) as e:
-        raise DataError(f'{path} is not a numpy array ({e}): re-download the scene') from None
+    except Exception as e:  # any: np.load raises EOFError, ValueError, OSError, pickle errors...
+        why = ' '.join(f'{type(e).__name__}: {e}'.split())
+        raise DataError(f'{path} is not a numpy array ({why}): re-download the scene') from None
     if arr.ndim != 2 or arr.shape[1] != 17:
         raise DataError(f'{path} has shape {arr.shape}, expected [N, 17] (a 3x5 pose and 2 bounds per image)')
     if num_images is not None and arr.shape[0] != num_images:
         raise DataError(f'{path} has {arr.shape[0]} poses but there are {num_images} images')
+
+    def where(i):
+        return f'{path}: image {i}' + (f' ({os.path.basename(names[i])})' if names is not None else '')
+
+    fix = 're-run COLMAP (LLFF imgs2poses.py) or re-download the scene'
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise DataError(f'{where(i)} has NaN or inf in its row (its pose or bounds): {fix}')
+    for i, (lo, hi) in enumerate(arr[:, 15:]):
+        if lo <= 0 or hi <= 0:
+            raise DataError(f'{where(i)} has non-positive depth bounds ({lo:g}, {hi:g}); they must be positive: {fix}')
     poses = arr[:, :15].reshape(-1, 3, 5)
+    for i, f in enumerate(poses[:, 2, 4]):
+        if f <= 0:
+            raise DataError(f'{where(i)} has focal length {f:g} (poses[:, 2, 4]); it must be positive: {fix}')
+    _check_poses(poses[:, :, :4], 'pose', where, fix)
     bounds = arr[:, 15:].copy()
     focal = poses[0, 2, 4] / max(factor, 1)
     # LLFF stores [down, right, back]; NeRF uses [right, up, back].
@@ -379,14 +537,14 @@ def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0.0, far=1.0, ll
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(f'{folder} holds no images: re-download the scene')
-    poses, bounds, focal = load_llff_poses(base_dir, factor, len(files))
+    poses, bounds, focal = load_llff_poses(base_dir, factor, len(files), names=files)
     indices = np.arange(len(files))
     test = indices[::llffhold] if llffhold > 0 else np.array([], dtype=int)
     keep = test if split == 'test' else np.setdiff1d(indices, test)
     if len(keep) == 0:
         raise DataError(f'{folder}: the {split!r} split is empty with llffhold={llffhold} and {len(files)} images')
     files = [files[i] for i in keep]
-    images = _same_size(_read_all(files, lambda p: composite(read_image(p), white_bkgd)), files)
+    images = _load_images(files, white_bkgd)
     n, h, w = images.shape[:3]
     pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
     all_c2w = torch.from_numpy(poses).float()
@@ -420,21 +578,52 @@ def load_multicam(base_dir, split, white_bkgd=True, **_):
         raise DataError(
             f'{meta_path} is malformed: split {split!r} lacks {missing}; re-run scripts/convert_blender_data.py'
         )
-    n = len(m['file_path'])
     try:
+        n = len(m['file_path'])
         cam2world = torch.tensor(m['cam2world'], dtype=torch.float32)[:, :3, :4]
         pix2cam = torch.tensor(m['pix2cam'], dtype=torch.float32)
         sizes = [(int(hh), int(ww)) for hh, ww in zip(m['height'], m['width'])]
         lossmult, near, far = (torch.tensor(m[k], dtype=torch.float32) for k in ('lossmult', 'near', 'far'))
     except (TypeError, ValueError, RuntimeError, IndexError) as e:
         raise DataError(f'{meta_path} is malformed ({e}): re-run scripts/convert_blender_data.py') from None
-    if not all(len(v) == n for v in (cam2world, pix2cam, sizes, lossmult, near, far)) or pix2cam.shape[1:] != (3, 3):
+    if (
+        not all(len(v) == n for v in (cam2world, pix2cam, sizes, lossmult, near, far))
+        or pix2cam.shape[1:] != (3, 3)
+        or cam2world.shape[1:] != (3, 4)
+    ):
         raise DataError(f'{meta_path} is malformed: the fields of split {split!r} differ in length or shape')
-    files = [os.path.join(base_dir, f) for f in m['file_path']]
-    images = _read_all(files, lambda p: torch.from_numpy(composite(read_image(p), white_bkgd)))
+    paths = m['file_path']
+    fix = 're-run scripts/convert_blender_data.py'
+    for i, p in enumerate(paths):
+        if not isinstance(p, str):
+            raise DataError(f'{meta_path}: image {i} of split {split!r} has file_path {_short(p)}, not a string: {fix}')
+
+    def where(i):
+        return f'{meta_path}: image {i} ({paths[i]}) of split {split!r}'
+
+    _check_poses(cam2world.numpy(), 'cam2world', where, fix)
+    finite = torch.isfinite(pix2cam).flatten(1).all(1)
+    if not finite.all():
+        raise DataError(f'{where(int(torch.argmin(finite.int())))} has NaN or inf in its pix2cam: {fix}')
+    for i, v in enumerate(pix2cam[:, 0, 0].tolist()):
+        if v <= 0:
+            raise DataError(
+                f'{where(i)} has a non-positive focal length: pix2cam[0][0] is {v:g} (the focal length, 1/that, '
+                f'must be positive): {fix}'
+            )
+    files = [os.path.join(base_dir, p) for p in paths]
+
+    def one(path):
+        img = read_image(path)
+        return img.shape[-1] == 4, torch.from_numpy(composite(img, white_bkgd))
+
+    read = _read_all(files, one)
+    images = [im for _, im in read]
     for path, im, size in zip(files, images, sizes):
         if tuple(im.shape[:2]) != size:
             raise DataError(f'image {path} has size {tuple(im.shape[:2])}, but {meta_path} says {size}')
+    if white_bkgd:
+        _note_no_alpha([alpha for alpha, _ in read], files)
     return SceneData(images, pix2cam, cam2world, near, far, lossmult=lossmult, labels=m.get('label'))
 
 

@@ -83,7 +83,7 @@ EVAL_FILE = re.compile(r'((color|acc|depth)_\d{3,}\.png|metrics\.json)$')
 
 def check_out_dir(out_dir):
     """Refuse a folder that holds anything but an earlier evaluation (which is replaced when the
-    new one is complete), or a place that cannot be written. Returns the folders it made."""
+    new one is complete)."""
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             fail(f'--out_dir {out_dir} is a file: pass a folder')
@@ -93,16 +93,6 @@ def check_out_dir(out_dir):
                 f'--out_dir {out_dir} holds other files ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}), '
                 'which an evaluation would replace: pass a new or empty folder'
             )
-    try:
-        return cli.prepare_out_dir(
-            os.path.dirname(os.path.abspath(out_dir)),
-            cli.partial_path(out_dir),
-            '--out_dir',
-            'pass a writable folder',
-            value=out_dir,
-        )
-    except ValueError as e:
-        fail(e)
 
 
 def main(argv=None):
@@ -110,7 +100,7 @@ def main(argv=None):
     import ddp
     import runs
 
-    made = []
+    made, lock = [], None
     try:
         with cli.stop_on_signals(prog=PROG):  # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
             try:
@@ -119,9 +109,22 @@ def main(argv=None):
                 fail(e)
             args.out_dir = args.out_dir or os.path.join(args.log_dir, f'eval_{args.split}_{ckpt["step"]:07d}')
             if ddp.is_main():
-                made = check_out_dir(args.out_dir)
+                check_out_dir(args.out_dir)
+            try:
+                made, lock = runs.prepare_out_dir(
+                    device,
+                    os.path.dirname(os.path.abspath(args.out_dir)),
+                    args.out_dir,
+                    '--out_dir',
+                    'pass a writable folder',
+                    value=args.out_dir,
+                )
+            except ValueError as e:
+                fail(e)
             run(args, model, data, ckpt, device)
     finally:
+        if lock is not None:
+            lock.release()
         cli.remove_empty_dirs(made)  # a folder made here stays only if it holds the evaluation
         ddp.cleanup()
 

@@ -141,7 +141,7 @@ def main(argv=None):
     import runs
 
     out = args.out or os.path.join(args.log_dir, 'mesh.ply')
-    made = []
+    made, lock = [], None
     try:
         with cli.stop_on_signals(prog=PROG):  # Ctrl-C and SIGTERM: clean up, one line, exit 130 or 143
             try:
@@ -154,13 +154,13 @@ def main(argv=None):
                 else ('--log_dir', 'pass --out with a writable file name')
             )
             try:
-                made = runs.prepare_out_dir(
-                    device, os.path.dirname(os.path.abspath(out)), cli.partial_path(out), *flag, value=out
-                )
+                made, lock = runs.prepare_out_dir(device, os.path.dirname(os.path.abspath(out)), out, *flag, value=out)
             except ValueError as e:
                 fail(e)
             extract(args, out, model, cfg, ckpt, device)
     finally:
+        if lock is not None:
+            lock.release()
         cli.remove_empty_dirs(made)  # a folder made here stays only if it holds the mesh
         ddp.cleanup()
 

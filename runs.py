@@ -27,6 +27,8 @@ import ddp
 from model import MipNeRF
 
 CHECKPOINT = re.compile(r'ckpt_\d+\.pt')
+PARTIAL_CHECKPOINT = re.compile(r'ckpt_\d+(\.partial\.pt|\.pt\.tmp)')  # atomic_output's (and older versions')
+LOCK = 'run.lock'  # held by the training run that owns the folder
 MODEL_KEYS = ('step', 'model_args', 'config', 'model')
 RESUME_KEYS = MODEL_KEYS + ('optimizer', 'schedule')
 
@@ -79,6 +81,13 @@ def list_checkpoints(log_dir):
     return [os.path.join(log_dir, n) for n in sorted(os.listdir(log_dir)) if CHECKPOINT.fullmatch(n)]
 
 
+def partial_checkpoints(log_dir):
+    """Temporary checkpoint files in log_dir: what a crash or kill -9 mid-save left behind."""
+    if not os.path.isdir(log_dir):
+        return []
+    return [os.path.join(log_dir, n) for n in sorted(os.listdir(log_dir)) if PARTIAL_CHECKPOINT.fullmatch(n)]
+
+
 def save_checkpoint(path, state):
     """Write atomically (a temporary file, fsynced, renamed): a crash or a full disk at any moment
     leaves earlier checkpoints intact. On failure the temporary file is removed and an OSError
@@ -100,6 +109,10 @@ def read_checkpoint(path, device='cpu', keys=MODEL_KEYS):
     """torch.load a checkpoint written by train.py, with its 'path' added; ValueError with a one-line
     reason otherwise."""
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise ValueError(f'checkpoint {path} is a folder, not a checkpoint')
+        if os.path.lexists(path):
+            raise ValueError(f'checkpoint {path} is a broken symbolic link')
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
@@ -115,11 +128,12 @@ def read_checkpoint(path, device='cpu', keys=MODEL_KEYS):
     return ckpt
 
 
-def latest_checkpoint(log_dir, device='cpu', keys=MODEL_KEYS, note=print):
-    """The newest readable checkpoint in log_dir (dict), or None when there is none at all.
+def latest_checkpoint(log_dir, device='cpu', keys=MODEL_KEYS, note=print, skipped=None):
+    """The newest readable checkpoint in log_dir (dict) that has `keys`, or None when there is none at all.
 
-    An unreadable one (a crash mid-copy, a full disk) is skipped, with a note;
-    ValueError when none of them is readable.
+    An unreadable one (a crash mid-copy, a full disk, a folder or a broken
+    link in its place) is skipped, with a note, and appended to `skipped`;
+    ValueError when none of them will do.
     """
     found = list_checkpoints(log_dir)
     for i, path in enumerate(reversed(found)):
@@ -127,9 +141,16 @@ def latest_checkpoint(log_dir, device='cpu', keys=MODEL_KEYS, note=print):
             return read_checkpoint(path, device, keys)
         except ValueError as e:
             if i == len(found) - 1:
-                raise ValueError(f'{e}; no readable checkpoint in {log_dir}') from None
+                raise ValueError(f'{e}; no checkpoint in {log_dir} will do') from None
             note(f'{e}; taking the one before')
+            if skipped is not None:
+                skipped.append(path)
     return None
+
+
+def step_of(path):
+    """The step in a checkpoint's name, ckpt_<step>.pt."""
+    return int(re.search(r'ckpt_(\d+)\.pt$', path).group(1))
 
 
 def load_model(ckpt, device='cpu'):
@@ -250,21 +271,28 @@ def open_run(args, split=None):
     return model, cfg, ckpt, device, data
 
 
-def prepare_out_dir(device, out_dir, probe, flag, hint, value=None):
-    """`cli.prepare_out_dir` on rank 0, its outcome shared with every rank (one collective).
+def prepare_out_dir(device, out_dir, output, flag, hint, value=None):
+    """Make `out_dir` and lock `output` in it for this process (rank 0), agreed across ranks.
 
-    Returns the folders made (rank 0). When the place cannot be written,
-    rank 0 raises ValueError with the one-line reason and the other ranks
-    exit with status 2, so that no rank renders for nothing.
+    `cli.prepare_out_dir` checks that `output`'s temporary file can be
+    written; `cli.Lock` on `<output>.lock` keeps a second process from
+    writing the same output at the same time. Returns (folders made, lock)
+    on rank 0 and ([], None) elsewhere. When either fails, rank 0 raises
+    ValueError with the one-line reason (naming the lock's holder) and the
+    other ranks exit with status 2, so that no rank renders for nothing.
     """
-    made, problem = [], None
+    made, lock, problem = [], None, None
     if ddp.is_main():
         try:
-            made = cli.prepare_out_dir(out_dir, probe, flag, hint, value)
+            made = cli.prepare_out_dir(out_dir, cli.partial_path(output), flag, hint, value)
+            lock = cli.Lock(cli.lock_path(output)).acquire()
         except ValueError as e:
             problem = e
+        except cli.Busy as e:
+            cli.remove_empty_dirs(made)
+            problem = ValueError(f'{output} is being written: {e}; wait for it to end, or pass another {flag}')
     if ddp.any_rank([problem is not None], device)[0]:
         if problem is not None:
             raise problem
         raise SystemExit(2)
-    return made
+    return made, lock

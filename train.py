@@ -31,6 +31,7 @@ def main(argv=None):
     existed = os.path.isdir(cfg.log_dir)
     import datasets
     import ddp
+    import train_utils as tu
 
     try:
         try:
@@ -38,6 +39,9 @@ def main(argv=None):
                 run(cfg, signals)
         except (config.ConfigError, datasets.DataError) as e:
             cli.fail(PROG, e)
+        except tu.Diverged as e:
+            sys.stderr.write(f'{PROG}: error: {e}\n')
+            sys.exit(1)
         except cli.Stopped as e:  # a second Ctrl-C: stop at once, without saving
             sys.stderr.write(f'{PROG}: stopped at once by a second {e.name}; the last checkpoint is kept\n')
             sys.exit(e.exit_code)
@@ -51,15 +55,27 @@ def main(argv=None):
 
 def run(cfg, signals):
     """Train with the config `cfg`; a signal recorded in `signals` ends the loop cleanly."""
-    from tqdm import tqdm
-
-    import ddp
     import train_utils as tu
 
     state = tu.setup(cfg)
     if state is None:
         return
-    main = state.main
+    try:
+        code = loop(state, signals)
+    finally:
+        tu.close(state)  # --log_dir is free again
+    if code:
+        sys.exit(code)
+
+
+def loop(state, signals):
+    """The training loop with its cadences; returns the exit code (train_utils.finish)."""
+    from tqdm import tqdm
+
+    import ddp
+    import train_utils as tu
+
+    cfg, main = state.cfg, state.main
     bar = tqdm(
         total=cfg.max_steps, initial=state.step, desc='train', dynamic_ncols=True, disable=None if main else True
     )  # None: off when the output is not a terminal
@@ -99,9 +115,7 @@ def run(cfg, signals):
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             tu.save(state)
     bar.close()
-    code = tu.finish(state, signals, signalled, out_of_time)
-    if code:
-        sys.exit(code)
+    return tu.finish(state, signals, signalled, out_of_time)
 
 
 if __name__ == '__main__':

@@ -50,9 +50,11 @@ class TrainState:
     main: bool  # rank 0: logs, evaluates, saves
     test_data: datasets.SceneData = None  # rank 0 only
     writer: SummaryWriter = None  # rank 0 only
+    lock: cli.Lock = None  # rank 0: --log_dir is this run's
     step: int = 0
     initial: dict = None  # the state at the start, for a rollback before any checkpoint
     nonfinite: int = 0  # non-finite steps in a row
+    rollbacks: int = 0  # reloads after non-finite steps
     saved_at: int = None  # the step of the last checkpoint this run wrote
     evaluated_at: int = None
     t_start: float = dataclasses.field(default_factory=time.time)
@@ -68,23 +70,44 @@ class TrainState:
 
 
 def prepare_log_dir(cfg):
-    """Make --log_dir before the data loads; refuse a file, an unwritable place, or another run's
-    checkpoints without --resume (a new run there would prune them and mix the two logs)."""
+    """Make --log_dir before the data loads and lock it for this run; returns the `cli.Lock`.
+
+    Refuses a file, an unwritable place, a folder another live run holds,
+    or another run's checkpoints without --resume (a new run there would
+    prune them and mix the two logs). Removes the partial checkpoint a
+    crash may have left.
+    """
     d = cfg.log_dir
     if os.path.exists(d) and not os.path.isdir(d):
         raise config.ConfigError(f'--log_dir {d} is a file: pass a folder')
-    found = runs.list_checkpoints(d)
-    if found and not cfg.resume:
-        raise config.ConfigError(
-            f'--log_dir {d} already holds a run (latest {os.path.basename(found[-1])}): '
-            'add --resume to continue it, or pass another --log_dir'
-        )
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise config.ConfigError(f'--log_dir {d}: cannot create it ({e.strerror}): pass a writable folder') from None
     if not os.access(d, os.W_OK | os.X_OK):
         raise config.ConfigError(f'--log_dir {d} is not writable: pass a writable folder')
+    lock = cli.Lock(os.path.join(d, runs.LOCK))
+    try:
+        lock.acquire()
+    except cli.Busy as e:
+        raise config.ConfigError(f'--log_dir {d} is {e}: wait for that run to end, or pass another --log_dir') from None
+    found = runs.list_checkpoints(d)
+    if found and not cfg.resume:
+        lock.release()
+        raise config.ConfigError(
+            f'--log_dir {d} already holds a run (latest {os.path.basename(found[-1])}): '
+            'add --resume to continue it, or pass another --log_dir'
+        )
+    for path in runs.partial_checkpoints(d):
+        print(f'removing {path}, a checkpoint a crash left half-written')
+        os.remove(path)
+    return lock
+
+
+def close(state):
+    """Let go of --log_dir (the run's lock); the end of every run, however it ends."""
+    if state is not None and state.lock is not None:
+        state.lock.release()
 
 
 def setup(cfg):
@@ -93,10 +116,25 @@ def setup(cfg):
     Returns the TrainState, or None when a resume finds nothing left to train.
     """
     device = ddp.setup(runs.resolve_device(cfg.device))
+    lock = prepare_log_dir(cfg) if ddp.is_main() else None  # before anything slow: a refusal comes at once
+    try:
+        state = _setup(cfg, device)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if state is None:
+        if lock is not None:
+            lock.release()
+        return None
+    state.lock = lock
+    return state
+
+
+def _setup(cfg, device):
     rank, main = ddp.rank(), ddp.is_main()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if main:
-        prepare_log_dir(cfg)  # before anything slow: a refusal comes at once
         if cfg.dataset_name == 'demo' and not os.path.isdir(cfg.base_dir):
             print(f'demo scene not found in {cfg.base_dir}: generating it (about half a minute)')
             scenes.make_demo_scene(cfg.base_dir)
@@ -130,7 +168,12 @@ def setup(cfg):
     state.initial = copy.deepcopy(runs.checkpoint(state))
     if main:
         state.test_data = datasets.dataset_from_config(cfg, 'test')
-        config.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
+        try:
+            config.save_config(cfg, os.path.join(cfg.log_dir, 'config.txt'))
+        except OSError as e:
+            raise config.ConfigError(
+                f'--log_dir {cfg.log_dir}: cannot write config.txt ({e.strerror or e}): free some space there'
+            ) from None
         state.writer = SummaryWriter(cfg.log_dir)  # appends: earlier runs' logs stay
         num_params = sum(p.numel() for p in model.parameters())
         print(
@@ -146,7 +189,7 @@ def setup(cfg):
 def resume(state):
     """With --resume, restore the checkpoint it names (or the latest readable one). False when
     that checkpoint is already at --max_steps (nothing to train)."""
-    cfg = state.cfg
+    cfg, skipped = state.cfg, []
     if not cfg.resume:
         return True
     if cfg.resume != 'latest':
@@ -159,12 +202,19 @@ def resume(state):
         except ValueError as e:
             raise config.ConfigError(f'--resume: {e}; pass an earlier one') from None
     else:
-        ckpt = runs.latest_checkpoint(
-            cfg.log_dir,
-            state.device,
-            runs.RESUME_KEYS,
-            note=lambda m: print(f'--resume: {m.replace("taking", "trying")}'),
-        )
+        try:
+            ckpt = runs.latest_checkpoint(
+                cfg.log_dir,
+                state.device,
+                runs.RESUME_KEYS,
+                note=lambda m: print(f'--resume: {m.replace("taking", "trying")}') if state.main else None,
+                skipped=skipped,
+            )
+        except ValueError as e:
+            raise config.ConfigError(
+                f'--resume: {e} (a resume needs {", ".join(runs.RESUME_KEYS)}): pass another --log_dir for a new '
+                'run, or --resume FILE'
+            ) from None
         if ckpt is None:
             print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
             return True
@@ -177,6 +227,18 @@ def resume(state):
             f'--resume {ckpt["path"]}: the checkpoint has a different network ({diff}); '
             'pass the same model flags or another --log_dir'
         )
+    later = [p for p in runs.list_checkpoints(cfg.log_dir) if p not in skipped and runs.step_of(p) > ckpt['step']]
+    if later:
+        raise config.ConfigError(
+            f'--resume {ckpt["path"]} is at step {ckpt["step"]}, but --log_dir holds later checkpoints '
+            f'({", ".join(os.path.basename(p) for p in later)}) that this run would overwrite: resume from the latest '
+            '(plain --resume), or move them out of the folder'
+        )
+    ddp.barrier()  # every rank has read its checkpoint: the skipped ones can move out of the way
+    if state.main:
+        for path in skipped:  # kept, never overwritten by this run's checkpoints
+            os.replace(path, path + '.skipped')
+            print(f'--resume: kept {path} as {os.path.basename(path)}.skipped')
     runs.restore(state, ckpt, with_rng=True)
     if state.step >= cfg.max_steps:
         if state.main:
@@ -228,18 +290,33 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
     return loss.detach(), psnrs, grad_norm, finite
 
 
+class Diverged(Exception):
+    """Training cannot get past non-finite steps; the message says what to try."""
+
+
 def recover(state):
-    """After --max_nonfinite non-finite steps in a row: reload the last checkpoint (or the initial
-    state) and halve the learning rate; every rank does the same."""
-    found = runs.list_checkpoints(state.cfg.log_dir)
-    ckpt = runs.read_checkpoint(found[-1], state.device, runs.RESUME_KEYS) if found else state.initial
-    back = state.step
-    runs.restore(state, ckpt, with_rng=False)
-    state.schedule.scale *= 0.5
+    """After --max_nonfinite non-finite steps in a row: reload the latest readable checkpoint (or
+    the initial state) and halve the learning rate again (the halvings compound); every rank does
+    the same. Returns the steps gone back (<= 0); Diverged after --max_rollbacks rollbacks."""
+    cfg = state.cfg
+    state.rollbacks += 1
+    if state.rollbacks > cfg.max_rollbacks:
+        raise Diverged(
+            f'the loss or gradient stayed non-finite through {cfg.max_rollbacks} rollbacks (--max_rollbacks), the '
+            f'learning rate down to {state.schedule.scale:g} x the schedule: check the data for NaN pixels or '
+            'cameras, or lower --lr_init'
+        )
+    try:
+        ckpt = runs.latest_checkpoint(cfg.log_dir, state.device, runs.RESUME_KEYS, note=lambda m: None)
+    except ValueError:
+        ckpt = None
+    scale, back = state.schedule.scale * 0.5, state.step
+    runs.restore(state, ckpt or state.initial, with_rng=False)
+    state.schedule.scale = scale
     if state.main:
         tqdm.write(
-            f'{state.nonfinite} non-finite steps in a row: reloaded {found[-1] if found else "the initial state"}'
-            f' (step {state.step}) and halved the learning rate (now {state.schedule.scale:g} x the schedule)'
+            f'{state.nonfinite} non-finite steps in a row: reloaded {ckpt["path"] if ckpt else "the initial state"}'
+            f' (step {state.step}) and halved the learning rate (now {scale:g} x the schedule)'
         )
     state.nonfinite = 0
     return state.step - back

@@ -140,7 +140,7 @@ def main(argv=None):
     import ddp
     import runs
 
-    made = []
+    made, lock = [], None
     try:
         with cli.stop_on_signals(prog=PROG, note='partial videos removed, nothing written'):
             try:
@@ -166,9 +166,7 @@ def main(argv=None):
                 else ('--log_dir', 'pass --out_dir with a writable folder')
             )
             try:
-                made = runs.prepare_out_dir(
-                    device, out_dir, cli.partial_path(os.path.join(out_dir, 'video.mp4')), *flag
-                )
+                made, lock = runs.prepare_out_dir(device, out_dir, os.path.join(out_dir, 'video.mp4'), *flag)
             except ValueError as e:
                 fail(e)
             try:
@@ -176,6 +174,8 @@ def main(argv=None):
             except OSError as e:  # a full disk, or ffmpeg failing: the first line says which
                 fail(f'writing the videos into {out_dir} failed: {str(e).strip().splitlines()[0]}')
     finally:
+        if lock is not None:
+            lock.release()
         cli.remove_empty_dirs(made)  # a folder made here stays only if it holds a video
         ddp.cleanup()
 
@@ -203,6 +203,19 @@ def human_time(seconds):
     return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.1f} min'
 
 
+def check_video(path, n_frames):
+    """OSError unless the video at `path` holds `n_frames` frames (ffmpeg's own errors, a full disk
+    among them, end its process without a word to the writer)."""
+    import imageio_ffmpeg
+
+    try:
+        found = imageio_ffmpeg.count_frames_and_secs(path)[0]
+    except (RuntimeError, OSError) as e:
+        raise OSError(f'the video is unreadable ({str(e).strip().splitlines()[0][:80]}); is the disk full?') from None
+    if found != n_frames:
+        raise OSError(f'the video holds {found} of {n_frames} frames; is the disk full?')
+
+
 def write_videos(args, model, path, poses, frames, step, out_dir):
     """Stream frames into the videos; under torchrun, ranks render frames round-robin for rank 0 to write.
 
@@ -224,7 +237,9 @@ def write_videos(args, model, path, poses, frames, step, out_dir):
         writers = {}
         if main:
             for n in names:
-                tmp = outputs.enter_context(cli.atomic_output(os.path.join(out_dir, f'{n}.mp4')))
+                tmp = outputs.enter_context(
+                    cli.atomic_output(os.path.join(out_dir, f'{n}.mp4'), check=lambda p: check_video(p, len(poses)))
+                )
                 writers[n] = outputs.enter_context(
                     contextlib.closing(
                         imageio.get_writer(tmp, fps=args.fps, codec='libx264', quality=8, macro_block_size=2)

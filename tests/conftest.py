@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -44,6 +45,14 @@ def tiny_demo(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('scenes') / 'demo')
     make_demo_scene(path, size=32, supersample=2, views={'train': 20, 'val': 2, 'test': 3}, verbose=False)
     return path
+
+
+@pytest.fixture
+def scene(tiny_demo, tmp_path):
+    """A copy of the tiny demo scene that a test may damage."""
+    dst = tmp_path / 'scene'
+    shutil.copytree(tiny_demo, dst)
+    return dst
 
 
 # A network small enough for tests to train in seconds on a CPU.

@@ -80,8 +80,11 @@ def test_missing_image_folder_is_made_from_full_resolution_and_cached(tmp_path):
     for f in src:  # pretend images_8 is the full resolution
         shutil.copy(os.path.join(FERN, 'images_8', f), scene / 'images' / f)
     np.save(scene / 'poses_bounds.npy', np.load(os.path.join(FERN, 'poses_bounds.npy'))[:3])
+    (scene / 'images_2.partial').mkdir()  # left by a process killed while making it
+    (scene / 'images_2.partial' / 'half.png').write_bytes(b'half')
     data = datasets.get_dataset('llff', str(scene), 'train', factor=2, llffhold=0)
     assert (scene / 'images_2').is_dir() and not (scene / 'images_2.partial').exists()
+    assert len(os.listdir(scene / 'images_2')) == 3
     full = datasets.read_image(str(scene / 'images' / src[0]))
     blocks = full[: 378 // 2 * 2, : 504 // 2 * 2].reshape(189, 2, 252, 2, 3).mean(axis=(1, 3))
     assert data.images.shape == (3, 189, 252, 3)

@@ -304,3 +304,18 @@ def test_scripts_render_at_the_runs_precision_unless_told(demo_run):
     assert cfg.precision == 'fp32' and not model.bf16
     model, *_ = open_run(parser.parse_args(['--log_dir', demo_run, '--device', 'cpu', '--precision', 'bf16']))
     assert model.bf16
+
+
+def test_mesh_with_default_flags_takes_its_level_from_the_run_or_the_density_field(demo_run, tmp_path, capsys):
+    """No --threshold: the run's --mesh_threshold if it set one, else a level chosen from the density field."""
+    extract_mesh.main(['--log_dir', demo_run, '--device', 'cpu', '--grid_size', '32', '--out', str(tmp_path / 'a.ply')])
+    out = capsys.readouterr().out
+    assert 'chosen from the density field' in out and len(trimesh.load(str(tmp_path / 'a.ply')).faces) > 100
+    run = tmp_path / 'run'
+    run.mkdir()
+    ckpt = torch.load(os.path.join(demo_run, 'ckpt_0000250.pt'), weights_only=False)
+    assert ckpt['config']['mesh_threshold'] is None
+    ckpt['config']['mesh_threshold'] = 2.5
+    torch.save(ckpt, run / 'ckpt_0000250.pt')
+    extract_mesh.main(['--log_dir', str(run), '--device', 'cpu', '--grid_size', '32'])
+    assert "surface at density 2.5 (the run's --mesh_threshold)" in capsys.readouterr().out

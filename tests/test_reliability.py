@@ -75,13 +75,6 @@ def refuse(capsys):
     return check
 
 
-@pytest.fixture
-def scene(tiny_demo, tmp_path):
-    dst = tmp_path / 'scene'
-    shutil.copytree(tiny_demo, dst)
-    return dst
-
-
 # ----------------------------------------------------------------------------
 # 1. Bad input.
 
@@ -181,6 +174,7 @@ def test_unreadable_checkpoint(scene, tmp_path, refuse):
         (['--lr_init', 'nan'], '--lr_init must be positive, got nan'),
         (['--lr_delay_mult', '-1'], '--lr_delay_mult must be positive'),
         (['--far', 'inf'], '--far must be a finite number'),
+        (['--far', '1e9'], '--far 1e+09: samples that far overflow float32'),
         (['--factor', '1000'], '--factor 1000 is larger than the 32x32 images'),
     ],
 )
