@@ -9,5 +9,5 @@ $PY train.py --config configs/blender.txt --data_dir "$DATA" --scene lego --log_
   --max_minutes "$MINUTES" --eval_every 0 --render_every 1000 --save_every 0
 $PY eval.py --log_dir "$RUN"
 $PY visualize.py --log_dir "$RUN" --n_frames 8 --render_factor 2 --visualize_depth --visualize_normals
-$PY extract_mesh.py --log_dir "$RUN" --grid_size 256 --colors
+$PY extract_mesh.py --log_dir "$RUN" --grid_size 256 --threshold 50 --colors
 $PY scripts/render_mesh.py "$RUN/mesh.ply" --out "$RUN/mesh.png"
