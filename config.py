@@ -27,6 +27,9 @@ import cli
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
+MODELS = ('mipnerf', 'mipnerf360')
+
+
 def _field(default, help, per_dataset=False, **flag):
     """A ModelArgs field: its default, its flag's help, and whether datasets.DATASETS sets its default."""
     return dataclasses.field(default=default, metadata=dict(help=help, per_dataset=per_dataset, flag=flag))
@@ -37,10 +40,13 @@ class ModelArgs:
     """Everything needed to rebuild the network; saved in every checkpoint, one flag per field.
 
     The defaults are the official release's for Blender; fields marked
-    per_dataset take the dataset's default when the flag is not given.
+    per_dataset take the dataset's default when the flag is not given. The
+    fields marked (360) serve mip-NeRF 360 only (`model = mipnerf360`);
+    configs/360.txt holds multinerf's 360.gin values for the shared ones.
     """
 
-    num_samples: int = _field(128, 'samples (intervals) per level')
+    model: str = _field('mipnerf', 'model family: mip-NeRF (2021) or mip-NeRF 360 (2022)', choices=MODELS)
+    num_samples: int = _field(128, 'samples (intervals) per level (360: of the NeRF level)')
     num_levels: int = _field(2, 'sampling levels (coarse + fine)')
     resample_padding: float = _field(0.01, 'padding added to the resampling weights')
     stop_level_grad: bool = _field(True, 'stop gradients between levels (none through the resampling)')
@@ -60,6 +66,16 @@ class ModelArgs:
     net_depth_condition: int = _field(1, 'view-branch layers')
     net_width_condition: int = _field(128, 'view-branch width')
     skip_layer: int = _field(4, 'concatenate the input after every N-th trunk layer')
+    init: str = _field('glorot', 'weight init: Glorot-uniform (mip-NeRF) or He-uniform (360)', choices=['glorot', 'he'])
+    bottleneck_width: int = _field(0, '(360) width of the bottleneck before the view branch (0: the trunk width)')
+    num_prop_samples: int = _field(64, '(360) samples per proposal level')
+    prop_net_depth: int = _field(4, '(360) proposal MLP layers')
+    prop_net_width: int = _field(256, '(360) proposal MLP width')
+    dilation_multiplier: float = _field(0.5, '(360) dilation of the proposal histogram, relative to its intervals')
+    dilation_bias: float = _field(0.0025, '(360) dilation of the proposal histogram, absolute (in s)')
+    anneal_slope: float = _field(10.0, '(360) slope of the annealing of the proposal weights over training (0: off)')
+    single_jitter: bool = _field(True, '(360) one jitter per ray instead of per sample')
+    opaque_background: bool = _field(False, '(360) make the last interval opaque')
 
     @classmethod
     def from_config(cls, cfg):
@@ -86,8 +102,19 @@ POSITIVE = (
     'max_rollbacks',
     'llffhold',
     'lr_delay_mult',
+    'num_prop_samples',
+    'prop_net_depth',
+    'prop_net_width',
+    'adam_eps',
 )
 NON_NEGATIVE = (
+    'bottleneck_width',
+    'dilation_multiplier',
+    'dilation_bias',
+    'anneal_slope',
+    'charb_padding',
+    'interlevel_loss_mult',
+    'distortion_loss_mult',
     'factor',
     'min_deg_point',
     'deg_view',
@@ -104,7 +131,7 @@ NON_NEGATIVE = (
     'near',
     'max_minutes',
 )
-DATASET_NAMES = ('blender', 'llff', 'multicam', 'demo')  # datasets.DATASETS; a test checks they agree
+DATASET_NAMES = ('blender', 'llff', 'multicam', 'demo', '360', 'capture')  # datasets.DATASETS; a test checks they agree
 USAGE = '%(prog)s [--config FILE] [--FLAG VALUE ...]'
 
 
@@ -182,6 +209,12 @@ def build_parser():
     flag('--lr_delay_steps', type=int, default=2500, help='warm-up steps')
     flag('--lr_delay_mult', type=float, default=0.01, help='learning-rate multiplier at step 0 of the warm-up')
     flag('--coarse_loss_mult', type=float, default=0.1, help='weight of the coarse levels in the loss')
+    flag('--charb_padding', type=float, default=0.001, help='(360) data term sqrt(error^2 + padding^2) (Charbonnier)')
+    flag('--interlevel_loss_mult', type=float, default=1.0, help='(360) weight of the proposal (interlevel) loss')
+    flag('--distortion_loss_mult', type=float, default=0.01, help='(360) weight of the distortion loss')
+    flag('--adam_beta1', type=float, default=0.9, help="Adam's beta1")
+    flag('--adam_beta2', type=float, default=0.999, help="Adam's beta2")
+    flag('--adam_eps', type=float, default=1e-8, help="Adam's epsilon")
     flag('--grad_max_norm', type=float, default=0.0, help='clip the gradient norm (0: off)')
     flag(
         '--max_rollbacks',

@@ -1,4 +1,4 @@
-"""Scene loaders (Blender, LLFF, Multicam) and the on-device training-ray sampler.
+"""Scene loaders (Blender, LLFF, Multicam, mip-NeRF 360, captures) and the on-device training-ray sampler.
 
     data = get_dataset('blender', 'data/nerf_synthetic/lego', 'train', factor=0)
     data.images            # float32 [N, H, W, 3] in [0, 1] (a list for Multicam,
@@ -10,11 +10,14 @@
 
 Every camera is a pix2cam `[3, 3]` and a cam2world `[3, 4]` matrix (see
 `ray_utils.pixel_rays`), so all loaders share one ray generator; LLFF scenes
-add the NDC warp of the official release.
+add the NDC warp of the official release. Unbounded scenes (360, capture) have
+ordinary pinhole rays in a world normalized as multinerf's
+(`pose_utils.transform_poses_pca`).
 """
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -39,7 +42,7 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------
 # The datasets: where they live and their defaults (the official blender.gin /
-# llff.gin / multiblender.gin). Flags and config files override the defaults.
+# llff.gin / multiblender.gin; multinerf's 360.gin). Flags and config files override the defaults.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,18 @@ _BLENDER = dict(
     lindisp=False,
     batching='single_image',
 )
+# Unbounded scenes (mip-NeRF 360 and captures): multinerf's 360.gin. near and far are in the units of
+# pose_utils.transform_poses_pca (the cameras inside the unit ball), as multinerf: not scaled.
+_UNBOUNDED = dict(
+    white_bkgd=False,
+    near=0.2,
+    far=1e6,
+    factor=4,
+    ray_shape='cone',
+    density_noise=0.0,
+    lindisp=False,
+    batching='all_images',
+)
 DATASETS = {
     'blender': Dataset('nerf_synthetic', 'scripts/download_blender.sh', 'lego', _BLENDER),
     'llff': Dataset(
@@ -85,6 +100,15 @@ DATASETS = {
         'nerf_multiscale', 'scripts/download_multicam.sh', 'lego', dict(_BLENDER, batching='all_images')
     ),
     'demo': Dataset('demo', None, '', dict(_BLENDER, batching='all_images')),
+    '360': Dataset('360_v2', 'scripts/download_360.sh', 'garden', _UNBOUNDED),
+    # No download: a capture is the user's own (the fox is instant-ngp's data/nerf/fox). Its images
+    # (phones: 1080x1920 or so) are halved: at most about 1000 pixels a side, near LLFF's 1008x756.
+    'capture': Dataset(
+        'captures',
+        "instant-ngp's colmap2nerf.py or nerfstudio's ns-process-data on your capture",
+        'fox',
+        dict(_UNBOUNDED, factor=2),
+    ),
 }
 
 
@@ -276,7 +300,7 @@ class SceneData:
       near, far, lossmult: float32 `[N]` per-image ray attributes.
       ndc: None, or dict(focal, w, h) of the NDC warp (LLFF).
       labels: `[N]` integer scale labels (Multicam; zeros otherwise).
-      bounds: `[N, 2]` scene depth bounds (LLFF, after scaling), or None.
+      bounds: `[N, 2]` scene depth bounds (LLFF and 360, after scaling), or None.
       all_cam2world: cam2world of every view of the scene, all splits
         (render paths are built from it).
     """
@@ -490,6 +514,19 @@ def load_llff_poses(base_dir, factor, num_images=None, names=None):
     focal length at `factor` (float64 numpy). `names` (the image files, optional)
     name the image of a bad row in messages.
     """
+    poses, bounds, focal = read_poses_bounds(base_dir, factor, num_images, names)
+    scale = 1.0 / (bounds.min() * 0.75)
+    poses[:, :, 3] *= scale
+    bounds *= scale
+    poses = pose_utils.recenter_poses(torch.from_numpy(poses)).numpy()
+    return poses, bounds, focal
+
+
+def read_poses_bounds(base_dir, factor, num_images=None, names=None):
+    """Poses and bounds of poses_bounds.npy as stored (COLMAP's world), checked; camera axes made OpenGL's.
+
+    Returns cam2world `[N, 3, 4]`, bounds `[N, 2]` and the focal length at `factor` (float64 numpy).
+    """
     path = os.path.join(base_dir, 'poses_bounds.npy')
     _check_path(path, path, 'a file', 're-download the scene')
     if os.path.getsize(path) == 0:
@@ -524,25 +561,33 @@ def load_llff_poses(base_dir, factor, num_images=None, names=None):
     focal = poses[0, 2, 4] / max(factor, 1)
     # LLFF stores [down, right, back]; NeRF uses [right, up, back].
     poses = np.concatenate([poses[:, :, 1:2], -poses[:, :, 0:1], poses[:, :, 2:4]], -1)
-    scale = 1.0 / (bounds.min() * 0.75)
-    poses[:, :, 3] *= scale
-    bounds *= scale
-    poses = pose_utils.recenter_poses(torch.from_numpy(poses)).numpy()
     return poses, bounds, focal
 
 
-def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0.0, far=1.0, llffhold=8, **_):
-    """LLFF forward-facing scenes: poses_bounds.npy + images_{factor}/, NDC rays."""
+def _llff_files(base_dir, factor):
+    """The image folder at `factor` (see llff_image_dir) and its image files, sorted by name."""
     folder = llff_image_dir(base_dir, factor)
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(f'{folder} holds no images: re-download the scene')
-    poses, bounds, focal = load_llff_poses(base_dir, factor, len(files), names=files)
-    indices = np.arange(len(files))
+    return folder, files
+
+
+def _holdout(n, split, llffhold, where):
+    """Indices of `split` among n views: every llffhold-th (0, llffhold, ...) is 'test', the rest any other split."""
+    indices = np.arange(n)
     test = indices[::llffhold] if llffhold > 0 else np.array([], dtype=int)
     keep = test if split == 'test' else np.setdiff1d(indices, test)
     if len(keep) == 0:
-        raise DataError(f'{folder}: the {split!r} split is empty with llffhold={llffhold} and {len(files)} images')
+        raise DataError(f'{where}: the {split!r} split is empty with llffhold={llffhold} and {n} images')
+    return keep
+
+
+def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0.0, far=1.0, llffhold=8, **_):
+    """LLFF forward-facing scenes: poses_bounds.npy + images_{factor}/, NDC rays."""
+    folder, files = _llff_files(base_dir, factor)
+    poses, bounds, focal = load_llff_poses(base_dir, factor, len(files), names=files)
+    keep = _holdout(len(files), split, llffhold, folder)
     files = [files[i] for i in keep]
     images = _load_images(files, white_bkgd)
     n, h, w = images.shape[:3]
@@ -558,6 +603,248 @@ def load_llff(base_dir, split, factor=4, white_bkgd=False, near=0.0, far=1.0, ll
         bounds=torch.from_numpy(bounds).float(),
         all_cam2world=all_c2w,
     )
+
+
+# ----------------------------------------------------------------------------
+# mip-NeRF 360 (360_v2): the LLFF layout, unbounded scenes, ordinary pinhole rays.
+
+
+def load_360(base_dir, split, factor=4, white_bkgd=False, near=0.2, far=1e6, llffhold=8, **_):
+    """mip-NeRF 360 scenes: poses_bounds.npy + images_{factor}/ (the LLFF layout), pinhole rays without NDC.
+
+    The cameras are normalized as multinerf's 360 scenes (`pose_utils.transform_poses_pca`: centred at
+    their mean, turned into their principal axes with z up, scaled so that every camera centre lies in
+    the unit ball); near and far are in those units, not scaled (multinerf's 360.gin). `bounds` are the
+    depth bounds of poses_bounds.npy in the same units. Every llffhold-th image is a test image.
+    """
+    folder, files = _llff_files(base_dir, factor)
+    poses, bounds, focal = read_poses_bounds(base_dir, factor, len(files), names=files)
+    poses, transform = pose_utils.transform_poses_pca(torch.from_numpy(poses))
+    bounds = bounds * float(transform[:3, 0].norm())  # the scale of the similarity
+    keep = _holdout(len(files), split, llffhold, folder)
+    images = _load_images([files[i] for i in keep], white_bkgd)
+    n, h, w = images.shape[:3]
+    pix2cam = ray_utils.pinhole_pix2cam(focal, w, h).expand(n, 3, 3).contiguous()
+    all_c2w = poses.float()
+    return SceneData(
+        images, pix2cam, all_c2w[keep], near, far, bounds=torch.from_numpy(bounds).float(), all_cam2world=all_c2w
+    )
+
+
+# ----------------------------------------------------------------------------
+# Captures: the instant-ngp / nerfstudio transforms.json (a phone or camera capture posed by COLMAP).
+
+CAPTURE_FIX = 'fix transforms.json or re-make it (instant-ngp colmap2nerf.py, nerfstudio ns-process-data)'
+CAPTURE_MODELS = ('OPENCV', 'PINHOLE', 'SIMPLE_PINHOLE')  # nerfstudio's camera_model values this loader reads
+CAPTURE_DISTORTION = ('k1', 'k2', 'p1', 'p2', 'k3')  # OpenCV's order
+
+
+def pix2cam_from_intrinsics(fx, fy, cx, cy, dtype=torch.float32, device=None):
+    """The `[3, 3]` pix2cam of a pinhole camera of focal lengths (fx, fy) and principal point (cx, cy), in pixels.
+
+    Pixel (x + 0.5, y + 0.5) maps to ((x + 0.5 - cx) / fx, -(y + 0.5 - cy) / fy, -1): (cx, cy) is measured
+    from the image's top-left corner, pixel centres at +0.5 (COLMAP's, instant-ngp's and nerfstudio's
+    convention), so cx = W/2 is the centre and `ray_utils.pinhole_pix2cam(f, W, H)` is fx = fy = f.
+    """
+    fx, fy, cx, cy = (float(v) for v in (fx, fy, cx, cy))
+    return torch.tensor([[1 / fx, 0, -cx / fx], [0, -1 / fy, cy / fy], [0, 0, -1]], dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _undistort_maps(w, h, fx, fy, cx, cy, dist):
+    k = np.array([[fx, 0.0, cx - 0.5], [0.0, fy, cy - 0.5], [0.0, 0.0, 1.0]])
+    return cv2.initUndistortRectifyMap(k, np.array(dist, dtype=np.float64), None, k, (w, h), cv2.CV_32FC1)
+
+
+def undistort_image(img, fx, fy, cx, cy, dist):
+    """`img` `[H, W, C]` of an OpenCV-model camera, as the pinhole camera of the same fx, fy, cx, cy and size sees it.
+
+    `dist` is (k1, k2, p1, p2[, k3]). Pixel (x, y) of the result takes the colour at the distorted
+    position of its centre (bilinear). Positions past the border take the nearest edge pixel: where
+    the lens pushes the image outwards (the fox: up to 10 pixels along the edges, 1.6% of the pixels),
+    the pinhole view is wider than the photo. (cx, cy) are in `pix2cam_from_intrinsics`'s convention;
+    OpenCV puts pixel centres at integers, so it is given (cx - 0.5, cy - 0.5).
+    """
+    dist = tuple(float(d) for d in dist)
+    if not any(dist):
+        return img
+    h, w = img.shape[:2]
+    mx, my = _undistort_maps(w, h, float(fx), float(fy), float(cx), float(cy), dist)
+    return cv2.remap(img, mx, my, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _capture_number(value, key, where, positive=False):
+    """float(value), or a DataError naming the key."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not math.isfinite(v) or (positive and v <= 0):
+        what = 'a positive number' if positive else 'a finite number'
+        raise DataError(f'{where}: {key} is {_short(value)}, not {what}: {CAPTURE_FIX}')
+    return v
+
+
+def capture_camera(meta, frame, size, meta_path, name):
+    """(fx, fy, cx, cy, dist) of one frame of a transforms.json, in pixels of its full-size image.
+
+    Each key is the frame's own if it has it (nerfstudio), else the scene's. fl_x may be given as
+    camera_angle_x (instant-ngp), fl_y as camera_angle_y or left out (square pixels); cx, cy default to
+    the centre; w, h, if given, must be the image's size (`size` (H, W), as read). `name` names the
+    frame in messages ('frame 3 (images/0004.jpg)').
+    """
+    where = f'{meta_path}: {name}'
+
+    def get(key):
+        if key in frame:
+            return frame[key], where
+        return meta.get(key), meta_path
+
+    model, at = get('camera_model')
+    fisheye, _ = get('is_fisheye')
+    if (model is not None and str(model).upper() not in CAPTURE_MODELS) or fisheye:
+        name = 'is_fisheye' if fisheye else f'camera_model {_short(model)}'
+        raise DataError(
+            f'{at}: {name} is not supported (only {", ".join(CAPTURE_MODELS)}): undistort the images first '
+            '(such as with COLMAP image_undistorter) and re-make transforms.json'
+        )
+    h, w = size
+    for key, n in (('w', w), ('h', h)):
+        value, at = get(key)
+        if value is not None and abs(_capture_number(value, key, at, positive=True) - n) > 0.5:
+            raise DataError(
+                f'{at}: {key} is {_short(value)}, but the image of {name} is {w}x{h}: '
+                'w and h must be the size of the images (or left out)'
+            )
+
+    def focal(key, angle_key, length):
+        value, at = get(key)
+        if value is not None:
+            return _capture_number(value, key, at, positive=True)
+        angle, at = get(angle_key)
+        if angle is None:
+            return None
+        a = _capture_number(angle, angle_key, at)
+        if not 0 < a < math.pi:
+            raise DataError(
+                f'{at}: {angle_key} is {a:g}, not a field of view in radians between 0 and pi: {CAPTURE_FIX}'
+            )
+        return 0.5 * length / math.tan(0.5 * a)
+
+    fx = focal('fl_x', 'camera_angle_x', w)
+    if fx is None:
+        raise DataError(
+            f'{meta_path} has neither fl_x nor camera_angle_x (for {name}): '
+            f'add the focal length in pixels (fl_x, fl_y), or {CAPTURE_FIX}'
+        )
+    fy = focal('fl_y', 'camera_angle_y', h) or fx
+    centre = []
+    for key, default in (('cx', w / 2), ('cy', h / 2)):
+        value, at = get(key)
+        centre.append(default if value is None else _capture_number(value, key, at))
+    cx, cy = centre
+    dist = []
+    for key in CAPTURE_DISTORTION:
+        value, at = get(key)
+        dist.append(0.0 if value is None else _capture_number(value, key, at))
+    for key in ('k4', 'k5', 'k6'):
+        value, at = get(key)
+        if value is not None and _capture_number(value, key, at) != 0:
+            raise DataError(
+                f'{at}: {key} is {_short(value)}, but only the OpenCV model (k1 k2 p1 p2 k3) is supported: '
+                'undistort the images first (such as with COLMAP image_undistorter) and re-make transforms.json'
+            )
+    return fx, fy, cx, cy, tuple(dist)
+
+
+def read_capture(base_dir):
+    """The frames of base_dir/transforms.json, checked and sorted by file_path (multinerf's image order).
+
+    Returns (meta_path, meta, frames), frames a list of dict(index (in the file), file_path, path (the
+    image file), c2w (float64 `[3, 4]`, OpenGL axes), frame (its JSON object)).
+    """
+    meta_path = os.path.join(base_dir, 'transforms.json')
+    _check_path(
+        meta_path,
+        meta_path,
+        'a file',
+        'make it with instant-ngp colmap2nerf.py or nerfstudio ns-process-data, or check --base_dir',
+    )
+    meta = _load_json(meta_path)
+    frames = meta.get('frames') if isinstance(meta, dict) else None
+    if not isinstance(frames, list) or not frames:
+        raise DataError(f'{meta_path} is malformed: it needs a non-empty list "frames": {CAPTURE_FIX}')
+    out = []
+    for i, frame in enumerate(frames):
+        fp = frame.get('file_path') if isinstance(frame, dict) else None
+        if not isinstance(fp, str):
+            raise DataError(
+                f'{meta_path}: frame {i} has file_path {_short(fp)}, not a string: set it to the image path '
+                'relative to the scene (such as "images/0001.jpg")'
+            )
+        try:
+            c2w = np.array(frame['transform_matrix'], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f'{meta_path}: frame {i} ({fp}) has no 4x4 transform_matrix ({type(e).__name__}: {e}): {CAPTURE_FIX}'
+            ) from None
+        if c2w.shape not in ((4, 4), (3, 4)):
+            raise DataError(
+                f'{meta_path}: frame {i} ({fp}) has a transform_matrix of shape {c2w.shape}, not 4x4: {CAPTURE_FIX}'
+            )
+        path = os.path.join(base_dir, fp)
+        if not os.path.splitext(fp)[1] and not os.path.exists(path):  # Blender style: no extension
+            path = next((path + e for e in IMAGE_EXTENSIONS if os.path.exists(path + e)), path)
+        out.append(dict(index=i, file_path=fp, path=path, c2w=c2w[:3, :4], frame=frame))
+    out.sort(key=lambda f: f['file_path'])
+
+    def where(k):
+        return f'{meta_path}: frame {out[k]["index"]} ({out[k]["file_path"]})'
+
+    _check_poses(np.stack([f['c2w'] for f in out]), 'transform_matrix', where, CAPTURE_FIX)
+    for f in out:
+        _check_path(
+            f['path'],
+            f'image {f["path"]} (file_path of frame {f["index"]} in {meta_path})',
+            'an image',
+            'restore the image or fix its file_path',
+        )
+    return meta_path, meta, out
+
+
+def load_capture(base_dir, split, factor=2, white_bkgd=False, near=0.2, far=1e6, llffhold=8, **_):
+    """A capture in the instant-ngp / nerfstudio layout: transforms.json + images, pinhole rays without NDC.
+
+    Intrinsics `fl_x fl_y cx cy` (see `capture_camera`) give each view its own pix2cam; images with
+    OpenCV distortion (`k1 k2 p1 p2`, `k3`) are undistorted at load time into the pinhole camera of
+    the same intrinsics and size (`undistort_image`), then area-downsampled by `factor` (the
+    intrinsics divided by it). Views are sorted by file_path; every llffhold-th is a test view. The
+    cameras are normalized as the 360 scenes (`pose_utils.transform_poses_pca`).
+    """
+    meta_path, meta, frames = read_capture(base_dir)
+    poses, _ = pose_utils.transform_poses_pca(torch.from_numpy(np.stack([f['c2w'] for f in frames])))
+    keep = _holdout(len(frames), split, llffhold, meta_path)
+    s = max(factor, 1)
+
+    def one(k):
+        f = frames[k]
+        img = read_image(f['path'])
+        name = f'frame {f["index"]} ({f["file_path"]})'
+        fx, fy, cx, cy, dist = capture_camera(meta, f['frame'], img.shape[:2], meta_path, name)
+        small = area_downsample(composite(undistort_image(img, fx, fy, cx, cy, dist), white_bkgd), factor)
+        return img.shape[:2], img.shape[-1] == 4, (fx / s, fy / s, cx / s, cy / s), small
+
+    read = _read_all(keep, one)
+    files = [frames[k]['path'] for k in keep]
+    _same_size([r[0] for r in read], files)
+    if white_bkgd:
+        _note_no_alpha([r[1] for r in read], files)
+    images = torch.from_numpy(np.stack([r[3] for r in read]))
+    pix2cam = torch.stack([pix2cam_from_intrinsics(*r[2]) for r in read])
+    all_c2w = poses.float()
+    return SceneData(images, pix2cam, all_c2w[keep], near, far, all_cam2world=all_c2w)
 
 
 # ----------------------------------------------------------------------------
@@ -629,7 +916,14 @@ def load_multicam(base_dir, split, white_bkgd=True, **_):
 
 # ----------------------------------------------------------------------------
 
-LOADERS = {'blender': load_blender, 'demo': load_blender, 'llff': load_llff, 'multicam': load_multicam}
+LOADERS = {
+    'blender': load_blender,
+    'demo': load_blender,
+    'llff': load_llff,
+    'multicam': load_multicam,
+    '360': load_360,
+    'capture': load_capture,
+}
 
 
 def get_dataset(dataset_name, base_dir, split, factor=None, white_bkgd=None, near=None, far=None, llffhold=8):

@@ -148,6 +148,11 @@ def main(argv=None):
                 model, cfg, ckpt, device, _ = runs.open_run(args)
             except (FileNotFoundError, ValueError) as e:
                 fail(e)
+            if getattr(cfg, 'model', 'mipnerf') != 'mipnerf':
+                fail(
+                    f'{args.log_dir} is a {cfg.model} run: meshes are made from mip-NeRF runs only (an unbounded '
+                    "scene's contracted space has no box to mesh); use eval.py or visualize.py for it"
+                )
             flag = (
                 ('--out', 'pick a writable place')
                 if args.out

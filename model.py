@@ -15,9 +15,13 @@ from torch import nn
 import ray_utils
 
 
-def _dense(in_features, out_features):
+def _dense(in_features, out_features, init='glorot'):
+    """A linear layer with zero biases and Glorot-uniform (mip-NeRF) or He-uniform (mip-NeRF 360) weights."""
     layer = nn.Linear(in_features, out_features)
-    nn.init.xavier_uniform_(layer.weight)  # glorot_uniform, as the official release
+    if init == 'glorot':
+        nn.init.xavier_uniform_(layer.weight)
+    else:  # he_uniform: U(-sqrt(6 / fan_in), sqrt(6 / fan_in))
+        nn.init.kaiming_uniform_(layer.weight, nonlinearity='relu')
     nn.init.zeros_(layer.bias)
     return layer
 
@@ -31,34 +35,49 @@ def _linear_of_concat(a, b, layer):
 
 
 class MLP(nn.Module):
-    """The NeRF MLP: an 8x256 trunk, density head, bottleneck and view branch.
+    """The NeRF MLP: a trunk (8x256 in mip-NeRF), density head, bottleneck and view branch.
 
     The encoded input is concatenated to the output of trunk layer
     `skip_layer` (0-based, so the fifth layer with the default 4), which feeds
     the sixth layer, exactly as `i % skip_layer == 0 and i > 0` in the
-    official release.
+    official releases. `rgb=False` (mip-NeRF 360's proposal MLP) keeps the
+    density head only; `bottleneck_width` defaults to the trunk's width.
     """
 
-    def __init__(self, x_dim, cond_dim, a):
+    def __init__(
+        self,
+        x_dim,
+        cond_dim,
+        net_depth,
+        net_width,
+        skip_layer,
+        net_depth_condition=1,
+        net_width_condition=128,
+        bottleneck_width=None,
+        rgb=True,
+        init='glorot',
+    ):
         super().__init__()
-        self.skip_layer = a.skip_layer
-        self.x_dim, self.net_width, self.net_width_condition = x_dim, a.net_width, a.net_width_condition
+        self.skip_layer = skip_layer
         layers, in_dim = [], x_dim
-        for i in range(a.net_depth):
-            layers.append(_dense(in_dim, a.net_width))
-            in_dim = a.net_width + (x_dim if self._skip_after(i) else 0)
+        for i in range(net_depth):
+            layers.append(_dense(in_dim, net_width, init))
+            in_dim = net_width + (x_dim if self._skip_after(i) else 0)
         self.trunk = nn.ModuleList(layers)
-        self.density = _dense(in_dim, 1)
-        self.use_viewdirs = cond_dim > 0
+        self.density = _dense(in_dim, 1, init)
+        self.has_rgb = rgb
+        self.use_viewdirs = rgb and cond_dim > 0
         if self.use_viewdirs:
-            self.bottleneck = _dense(in_dim, a.net_width)
-            cond, c_in = [], a.net_width + cond_dim
-            for _ in range(a.net_depth_condition):
-                cond.append(_dense(c_in, a.net_width_condition))
-                c_in = a.net_width_condition
+            width = bottleneck_width or net_width
+            self.bottleneck = _dense(in_dim, width, init)
+            cond, c_in = [], width + cond_dim
+            for _ in range(net_depth_condition):
+                cond.append(_dense(c_in, net_width_condition, init))
+                c_in = net_width_condition
             self.condition = nn.ModuleList(cond)
             in_dim = c_in
-        self.rgb = _dense(in_dim, 3)
+        if rgb:
+            self.rgb = _dense(in_dim, 3, init)
 
     def _skip_after(self, i):
         return self.skip_layer > 0 and i % self.skip_layer == 0 and i > 0
@@ -66,7 +85,7 @@ class MLP(nn.Module):
     def forward(self, x, cond=None):
         """x: `[..., S, x_dim]`; cond: `[..., cond_dim]` per ray.
 
-        Returns raw_rgb `[..., S, 3]`, raw_density `[..., S]`.
+        Returns raw_rgb `[..., S, 3]` (None without an rgb head), raw_density `[..., S]`.
 
         The concatenations of the official MLP are computed as sums of GEMMs
         over slices of the same weights (W [a; b] = W_a a + W_b b): the same
@@ -81,6 +100,8 @@ class MLP(nn.Module):
         if skip:  # a skip after the last trunk layer feeds the heads
             x = torch.cat([x, inputs], dim=-1)
         raw_density = self.density(x)[..., 0]
+        if not self.has_rgb:
+            return None, raw_density
         if self.use_viewdirs:
             bottleneck = self.bottleneck(x)
             first, *rest = self.condition
@@ -92,7 +113,40 @@ class MLP(nn.Module):
         return self.rgb(x), raw_density
 
 
-class MipNeRF(nn.Module):
+class Renderer(nn.Module):
+    """What every model here shares: rendering whole images in chunks. A subclass's
+    `forward(rays, normals)` returns its levels' (rgb, distance, acc[, normals]), the last one finest."""
+
+    @torch.no_grad()
+    def render_image(self, rays, chunk=8192, normals=False):
+        """Render the fine level of a whole image, deterministically, in chunks.
+
+        Args:
+          rays: `Rays` of `[H, W, C]` tensors (any device: chunks are moved to
+            the model's device).
+          normals: also render composited normals (see `forward`).
+
+        Returns:
+          rgb `[H, W, 3]`, distance `[H, W]`, acc `[H, W]` (and normals
+          `[H, W, 3]`) on the model's device.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            shape = rays.origins.shape[:-1]
+            flat = ray_utils.namedtuple_map(lambda r: r.reshape(-1, r.shape[-1]), rays)
+            outs = []
+            for i in range(0, flat.origins.shape[0], chunk):
+                part = slice(i, i + chunk)
+                chunk_rays = ray_utils.namedtuple_map(lambda r, part=part: r[part].to(device), flat)
+                outs.append(self(chunk_rays, normals=normals)[-1])
+            return tuple(torch.cat(o, 0).reshape(shape + o[0].shape[1:]) for o in zip(*outs))
+        finally:
+            self.train(was_training)
+
+
+class MipNeRF(Renderer):
     """mip-NeRF: cone tracing with IPE features and hierarchical sampling.
 
     Sampling is randomized (stratified jitter, density noise) only in
@@ -109,7 +163,9 @@ class MipNeRF(nn.Module):
         a = self.args
         x_dim = 2 * 3 * (a.max_deg_point - a.min_deg_point)
         cond_dim = 3 + 2 * 3 * a.deg_view if a.use_viewdirs else 0
-        self.mlp = MLP(x_dim, cond_dim, a)
+        self.mlp = MLP(
+            x_dim, cond_dim, a.net_depth, a.net_width, a.skip_layer, a.net_depth_condition, a.net_width_condition
+        )
 
     def forward(self, rays, normals=False):
         """Render a batch of rays through every level.
@@ -194,31 +250,3 @@ class MipNeRF(nn.Module):
             raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
         rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding
         return rgb, F.softplus(raw_density + a.density_bias)
-
-    @torch.no_grad()
-    def render_image(self, rays, chunk=8192, normals=False):
-        """Render the fine level of a whole image, deterministically, in chunks.
-
-        Args:
-          rays: `Rays` of `[H, W, C]` tensors (any device: chunks are moved to
-            the model's device).
-          normals: also render composited normals (see `forward`).
-
-        Returns:
-          rgb `[H, W, 3]`, distance `[H, W]`, acc `[H, W]` (and normals
-          `[H, W, 3]`) on the model's device.
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            device = next(self.parameters()).device
-            shape = rays.origins.shape[:-1]
-            flat = ray_utils.namedtuple_map(lambda r: r.reshape(-1, r.shape[-1]), rays)
-            outs = []
-            for i in range(0, flat.origins.shape[0], chunk):
-                part = slice(i, i + chunk)
-                chunk_rays = ray_utils.namedtuple_map(lambda r, part=part: r[part].to(device), flat)
-                outs.append(self(chunk_rays, normals=normals)[-1])
-            return tuple(torch.cat(o, 0).reshape(shape + o[0].shape[1:]) for o in zip(*outs))
-        finally:
-            self.train(was_training)

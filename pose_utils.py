@@ -136,3 +136,113 @@ def spiral_path(poses, bounds, n_frames=120, n_rots=2, zrate=0.5):
         target = c2w @ torch.tensor([0.0, 0.0, -focus, 1.0], dtype=c2w.dtype)
         out.append(viewmatrix(centre - target, up, centre))
     return torch.stack(out).float()
+
+
+# ----------------------------------------------------------------------------
+# Unbounded 360-degree scenes (mip-NeRF 360; multinerf's camera_utils).
+
+
+def focus_point(poses):
+    """The point nearest, in least squares, to the optical axes of `[N, 3, 4]` poses. Returns `[3]`.
+
+    Each camera contributes the squared distance from the point to the line through its centre
+    along its z axis (multinerf's `focus_point_fn`).
+    """
+    poses = poses.double()
+    axes, centres = poses[:, :, 2:3], poses[:, :, 3:4]
+    eye = torch.eye(3, dtype=poses.dtype, device=poses.device)
+    m = eye - axes @ axes.transpose(1, 2)  # projects out each axis: symmetric and idempotent
+    return torch.linalg.solve(m.mean(0), (m @ centres).mean(0))[:, 0]
+
+
+def transform_poses_pca(poses, fit='ball'):
+    """Re-centre, rotate and scale `[N, 3, 4]` poses for an unbounded (360-degree) scene.
+
+    As multinerf's `transform_poses_pca`: the camera centres' mean moves to the origin; the world
+    turns so that the principal axes of the centres become x, y, z (largest spread first: a ring of
+    cameras lies in the xy-plane), z chosen so that the cameras' mean up vector has z >= 0; then one
+    scale makes the centres fit the unit region. `fit='ball'` (the default) scales the farthest
+    centre to distance 1, so every camera lies inside the unit ball that the mip-NeRF 360 contraction
+    leaves unchanged; `fit='cube'` is multinerf's rule (the largest |coordinate| is 1: inside
+    [-1, 1]^3, up to sqrt(3) from the origin). The eigenvectors' signs, which multinerf leaves to
+    `np.linalg.eig`, are fixed here (each axis's largest component positive before the handedness
+    and up flips), so the result is deterministic.
+
+    Returns:
+      poses `[N, 3, 4]` (float64: rotations stay rotations, centres scaled) and the `[4, 4]` similarity
+      transform (float64) that maps old world points to new ones: `new = transform @ [old, 1]`.
+    """
+    if fit not in ('ball', 'cube'):
+        raise ValueError(f'fit must be ball or cube, got {fit!r}')
+    poses = poses.double()
+    centres = poses[:, :, 3]
+    mean = centres.mean(0)
+    offsets = centres - mean
+    _, vecs = torch.linalg.eigh(offsets.T @ offsets)  # ascending eigenvalues
+    rot = vecs.flip(-1).T.clone()  # rows: the principal axes, largest spread first
+    rows = torch.arange(3)
+    rot *= torch.sign(rot[rows, rot.abs().argmax(1)])[:, None]
+    if torch.linalg.det(rot) < 0:
+        rot[2] = -rot[2]
+    if (rot @ poses[:, :, 1].T)[2].mean() < 0:  # the cameras' up vectors point down: turn 180 degrees about x
+        rot = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=rot.dtype)) @ rot
+    new_centres = offsets @ rot.T
+    size = new_centres.norm(dim=-1).max() if fit == 'ball' else new_centres.abs().max()
+    scale = 1.0 / size if size > 0 else torch.ones((), dtype=rot.dtype)
+    out = torch.cat([rot @ poses[:, :, :3], (scale * new_centres)[:, :, None]], dim=-1)
+    transform = torch.eye(4, dtype=rot.dtype)
+    transform[:3, :3] = scale * rot
+    transform[:3, 3] = -scale * (rot @ mean)
+    return out, transform
+
+
+def generate_ellipse_path(poses, n_frames=120, const_speed=True, z_variation=0.0, z_phase=0.0):
+    """multinerf's elliptical render path around poses normalized by `transform_poses_pca` (z up).
+
+    The ellipse lies in a horizontal plane, centred above or below the cameras' focus point (see
+    `focus_point`), with semi-axes the 90th percentile of the cameras' |x| and |y| offsets from it;
+    its height is z = 0 (the cameras' mean height after `transform_poses_pca`), or, with
+    `z_variation` > 0, swings between the 10th and 90th percentiles of the cameras' heights times
+    `z_variation` (phase `z_phase` in turns). Every frame looks at the focus point, with up the world
+    axis nearest the cameras' mean up vector. With `const_speed`, the angles are re-spaced so that
+    consecutive frames are (nearly) equally far apart.
+
+    Returns:
+      `[n_frames, 3, 4]` cam2world poses (OpenGL axes).
+    """
+    poses = poses.double()
+    centre = focus_point(poses)
+    offset = torch.stack([centre[0], centre[1], torch.zeros_like(centre[0])])
+    positions = poses[:, :, 3]
+    semi = torch.quantile((positions - offset).abs(), 0.9, dim=0)
+    low, high = offset - semi, offset + semi
+    z_low, z_high = torch.quantile(positions[:, 2], 0.1), torch.quantile(positions[:, 2], 0.9)
+
+    def points(theta):
+        return torch.stack(
+            [
+                low[0] + (high - low)[0] * (torch.cos(theta) * 0.5 + 0.5),
+                low[1] + (high - low)[1] * (torch.sin(theta) * 0.5 + 0.5),
+                z_variation * (z_low + (z_high - z_low) * (torch.cos(theta + 2 * math.pi * z_phase) * 0.5 + 0.5)),
+            ],
+            -1,
+        )
+
+    theta = torch.linspace(0.0, 2 * math.pi, n_frames + 1, dtype=torch.float64)
+    path = points(theta)
+    if const_speed:  # invert the arc length: theta at equally spaced fractions of the way round
+        lengths = torch.linalg.norm(path[1:] - path[:-1], dim=-1)
+        cdf = torch.cat([torch.zeros(1, dtype=lengths.dtype), torch.cumsum(lengths, 0)])
+        if cdf[-1] > 0:
+            cdf = cdf / cdf[-1]
+            u = torch.linspace(0.0, 1.0, n_frames + 1, dtype=torch.float64)
+            i = torch.searchsorted(cdf, u, right=True).clamp(1, n_frames)
+            frac = ((u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-300)).clamp(0, 1)
+            theta = theta[i - 1] + frac * (theta[i] - theta[i - 1])
+            path = points(theta)
+    path = path[:-1]  # the last point repeats the first
+    avg_up = poses[:, :, 1].mean(0)
+    axis = int(avg_up.abs().argmax())
+    up = torch.zeros(3, dtype=torch.float64)
+    up[axis] = torch.sign(avg_up[axis])
+    return viewmatrix(path - centre, up.expand_as(path), path).float()

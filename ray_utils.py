@@ -401,3 +401,240 @@ def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
     if white_bkgd:
         comp_rgb = comp_rgb + (1.0 - acc[..., None])
     return comp_rgb, distance, acc, weights
+
+
+# ----------------------------------------------------------------------------
+# mip-NeRF 360: contraction and ray warps (Barron et al., CVPR 2022, Sec. 2; the official release
+# google-research/multinerf, internal/coord.py and internal/geopoly.py). Gaussians here are full:
+# mean `[..., 3]`, cov `[..., 3, 3]` (`cast_rays(..., diag=False)` gives them for frustums).
+
+
+def contract(x):
+    """Contract unbounded space into the ball of radius 2 (Eq. 10).
+
+    contract(x) = x where ||x|| <= 1, else (2 - 1/||x||) x / ||x||: continuous with a continuous
+    Jacobian at ||x|| = 1, radially monotone, and ||contract(x)|| < 2 (2 after rounding for huge
+    x; as in the release, ||x||^2 overflows past about 1e19 in float32).
+
+    Args:
+      x: `[..., C]` points (C = 3 for scenes).
+
+    Returns:
+      `[..., C]`.
+    """
+    eps = torch.finfo(torch.float32).eps
+    # The clamp keeps the gradient finite at x = 0 (as the official release).
+    mag_sq = torch.clamp_min(torch.sum(x**2, dim=-1, keepdim=True), eps)
+    mag = torch.sqrt(mag_sq)
+    scale = torch.where(mag_sq <= 1, torch.ones_like(mag), (2 - 1 / mag) / mag)
+    return scale * x
+
+
+def contract_jacobian(x):
+    """The Jacobian of `contract` at x: `[..., C, C]`.
+
+    The identity inside the unit ball; outside, with r = ||x|| and u = x / r, the radial
+    derivative is 1/r^2 and the tangential scale (2 - 1/r)/r:
+    J = (2 - 1/r)/r (I - u u^T) + u u^T / r^2 (symmetric).
+    """
+    eps = torch.finfo(torch.float32).eps
+    mag_sq = torch.clamp_min(torch.sum(x**2, dim=-1, keepdim=True), eps)
+    mag = torch.sqrt(mag_sq)
+    u = x / mag
+    uu = u[..., :, None] * u[..., None, :]
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    outside = ((2 - 1 / mag) / mag)[..., None] * (eye - uu) + (1 / mag_sq)[..., None] * uu
+    return torch.where((mag_sq <= 1)[..., None], eye, outside)
+
+
+def track_linearize(fn, mean, cov):
+    """Push Gaussians through `fn` by linearizing it at their means (Sec. 2, as a Kalman filter).
+
+    fn(x) ~ fn(mean) + J (x - mean), J the Jacobian of fn at mean, so the Gaussian maps to
+    (fn(mean), J cov J^T). For `contract` J is `contract_jacobian`; any other pointwise fn (one
+    that maps `[..., C]` to `[..., D]` point by point and can run under torch.func.vmap) gets J
+    from torch.func.jacrev (forward mode would warn: its decompositions use torch.jit.script in
+    torch 2.13). Gradients flow to mean and cov either way.
+
+    Args:
+      fn: the warp, e.g. `contract`.
+      mean: `[..., C]`; cov: `[..., C, C]` full covariances.
+
+    Returns:
+      fn_mean `[..., D]`, fn_cov `[..., D, D]`.
+    """
+    if cov.dim() != mean.dim() + 1:
+        raise ValueError(f'cov must be full, [..., C, C], for means [..., C]; got {tuple(cov.shape)}')
+    if fn is contract:
+        jac = contract_jacobian(mean)
+    else:
+        flat = mean.reshape(-1, mean.shape[-1])
+        jac = torch.func.vmap(torch.func.jacrev(fn))(flat)
+        jac = jac.reshape(mean.shape[:-1] + jac.shape[-2:])
+    return fn(mean), jac @ cov @ jac.transpose(-1, -2)
+
+
+def _piecewise_fwd(t):
+    # Identity-like (t/2) below 1, disparity-like above: allows t_near = 0.
+    return torch.where(t < 1, 0.5 * t, 1 - 0.5 / torch.clamp_min(t, 1))
+
+
+def _piecewise_inv(s):
+    return torch.where(s < 0.5, 2 * s, 0.5 / (1 - torch.clamp_min(s, 0.5)))
+
+
+def _identity(x):
+    return x
+
+
+_RAY_WARPS = {
+    'reciprocal': (torch.reciprocal, torch.reciprocal),
+    'log': (torch.log, torch.exp),
+    'exp': (torch.exp, torch.log),
+    'sqrt': (torch.sqrt, torch.square),
+    'square': (torch.square, torch.sqrt),
+    'piecewise': (_piecewise_fwd, _piecewise_inv),
+}
+_RAY_WARPS_BY_FN = {fwd: (fwd, inv) for fwd, inv in _RAY_WARPS.values()}
+
+
+def construct_ray_warps(fn, t_near, t_far):
+    """The bijection between metric ray distance t and normalized distance s in [0, 1] (Eq. 11).
+
+    s = (g(t) - g(t_near)) / (g(t_far) - g(t_near)). mip-NeRF 360 uses g = 1/t
+    (fn=torch.reciprocal): sampling uniformly in s is sampling uniformly in disparity, and with
+    `contract` evenly spaced s along a ray from the unit sphere to infinity map to evenly spaced
+    contracted points (Fig. 2).
+
+    Args:
+      fn: None (identity), 'piecewise' (t/2 below 1, 1 - 1/(2t) above; allows t_near = 0), or g
+        as one of torch.reciprocal, torch.log, torch.exp, torch.sqrt, torch.square or their
+        names.
+      t_near, t_far: tensors (e.g. `[..., 1]`), broadcast against the distances; t_far may be inf
+        for g = 1/t.
+
+    Returns:
+      t_to_s, s_to_t: functions of tensors that broadcast against t_near.
+    """
+    if fn is None:
+        fn_fwd = fn_inv = _identity
+    elif isinstance(fn, str) and fn in _RAY_WARPS:
+        fn_fwd, fn_inv = _RAY_WARPS[fn]
+    elif not isinstance(fn, str) and fn in _RAY_WARPS_BY_FN:
+        fn_fwd, fn_inv = _RAY_WARPS_BY_FN[fn]
+    else:
+        raise ValueError(f'no inverse known for the ray warp {fn!r}: use None, {", ".join(_RAY_WARPS)}')
+    s_near, s_far = fn_fwd(t_near), fn_fwd(t_far)
+
+    def t_to_s(t):
+        return (fn_fwd(t) - s_near) / (s_far - s_near)
+
+    def s_to_t(s):
+        return fn_inv(s * s_far + (1 - s) * s_near)
+
+    return t_to_s, s_to_t
+
+
+# The regular icosahedron (vertices at unit distance) and its faces, in the official release's
+# order, which fixes the order of the basis directions and hence of the encoding's features.
+_PHI = (math.sqrt(5) + 1) / 2
+_ICOSAHEDRON_VERTS = [
+    (-1, 0, _PHI), (1, 0, _PHI), (-1, 0, -_PHI), (1, 0, -_PHI), (0, _PHI, 1), (0, _PHI, -1),
+    (0, -_PHI, 1), (0, -_PHI, -1), (_PHI, 1, 0), (-_PHI, 1, 0), (_PHI, -1, 0), (-_PHI, -1, 0),
+]  # fmt: skip
+_ICOSAHEDRON_FACES = [
+    (0, 4, 1), (0, 9, 4), (9, 5, 4), (4, 5, 8), (4, 8, 1), (8, 10, 1), (8, 3, 10), (5, 3, 8), (5, 2, 3), (2, 7, 3),
+    (7, 10, 3), (7, 6, 10), (7, 11, 6), (11, 0, 6), (0, 1, 6), (6, 1, 10), (9, 0, 11), (9, 11, 2), (9, 2, 5),
+    (7, 2, 11),
+]  # fmt: skip
+_OCTAHEDRON_VERTS = [(0, 0, -1), (0, 0, 1), (0, -1, 0), (0, 1, 0), (-1, 0, 0), (1, 0, 0)]
+# Each face is one octant's three vertices; this order is the one the official release computes.
+_OCTAHEDRON_FACES = [(0, 2, 4), (1, 2, 5), (0, 3, 4), (1, 3, 4), (0, 2, 5), (1, 2, 4), (0, 3, 5), (1, 3, 5)]
+
+
+def _sq_dist(a, b):
+    """Squared distances between the rows of a `[N, C]` and b `[M, C]`: `[N, M]`."""
+    return torch.sum((a[:, None, :] - b[None, :, :]) ** 2, dim=-1)
+
+
+def _tesselate_geodesic(verts, faces, v, eps):
+    """The vertices of the geodesic polyhedron: each face split into v^2 triangles, projected
+    onto the unit sphere, duplicates (on shared edges) merged into their first occurrence."""
+    # Barycentric weights (i, j, v - i - j) / v in the official release's order.
+    bary = [(i, j, v - i - j) for i in range(v + 1) for j in range(v + 1 - i)]
+    bary = torch.tensor(bary, dtype=verts.dtype) / v
+    new = torch.einsum('tk,fkc->ftc', bary, verts[torch.tensor(faces)]).reshape(-1, verts.shape[-1])
+    new = new / torch.linalg.norm(new, dim=-1, keepdim=True)
+    first = (_sq_dist(new, new) <= eps).to(torch.int64).argmax(dim=1)  # First index of each point's copies.
+    return new[torch.unique(first)]
+
+
+def generate_basis(
+    base_shape='icosahedron', angular_tesselation=2, remove_symmetries=True, eps=1e-4, dtype=None, device=None
+):
+    """Unit directions of a tessellated polyhedron, the projection basis of mip-NeRF 360's IPE.
+
+    The official release's `geopoly.generate_basis`: the faces of the polyhedron are split
+    `angular_tesselation` times along each edge, the vertices projected onto the unit sphere and
+    merged, and of each antipodal pair only the first is kept (the other would give the same
+    features up to sign). Its models use 'icosahedron' with 2: 42 vertices (the 12 of the
+    icosahedron and its 30 normalized edge midpoints), 21 directions.
+
+    Args:
+      base_shape: 'icosahedron' or 'octahedron' (with 1: the three axes).
+      angular_tesselation: int >= 1 (1 keeps the polyhedron's vertices).
+
+    Returns:
+      `[3, K]` basis: column k is a unit direction (the transpose of the release's `[K, 3]`, as
+      its models use it).
+    """
+    if not isinstance(angular_tesselation, int) or angular_tesselation < 1:
+        raise ValueError(f'angular_tesselation must be an integer >= 1, got {angular_tesselation!r}')
+    f64 = torch.float64
+    if base_shape == 'icosahedron':
+        verts = torch.tensor(_ICOSAHEDRON_VERTS, dtype=f64) / math.sqrt(_PHI + 2)
+        faces = _ICOSAHEDRON_FACES
+    elif base_shape == 'octahedron':
+        verts, faces = torch.tensor(_OCTAHEDRON_VERTS, dtype=f64), _OCTAHEDRON_FACES
+    else:
+        raise ValueError(f"base_shape must be 'icosahedron' or 'octahedron', got {base_shape!r}")
+    verts = _tesselate_geodesic(verts, faces, angular_tesselation, eps)
+    if remove_symmetries:
+        antipodal = _sq_dist(verts, -verts) < eps
+        verts = verts[torch.triu(antipodal).any(dim=1)]  # Keep the first of each pair.
+    basis = verts.flip(-1)  # The release reverses the coordinates (z, y, x).
+    return basis.T.to(dtype=dtype or torch.get_default_dtype(), device=device).contiguous()
+
+
+def lift_and_diagonalize(mean, cov, basis):
+    """Project Gaussians onto the directions of `basis` and keep the variances only.
+
+    For each column b of the basis, b^T x ~ N(b^T mean, b^T cov b): the input of mip-NeRF 360's
+    IPE (which ignores the correlations between directions).
+
+    Args:
+      mean: `[..., C]`; cov: `[..., C, C]` full or `[..., C]` diagonal; basis: `[C, K]`.
+
+    Returns:
+      lifted means `[..., K]`, lifted variances `[..., K]`.
+    """
+    fn_mean = mean @ basis
+    if cov.dim() == mean.dim():
+        return fn_mean, cov @ basis**2
+    return fn_mean, torch.sum(basis * (cov @ basis), dim=-2)
+
+
+def integrated_pos_enc_basis(mean, cov, basis, min_deg, max_deg):
+    """mip-NeRF 360's IPE: `integrated_pos_enc` of the Gaussians lifted onto `basis`.
+
+    The release's coord.integrated_pos_enc has the layout of `integrated_pos_enc` here (the sin
+    block then the cos block, each ordered (degree, direction); its cos is sin(x + pi/2) and its
+    sin reduces |x| >= 100 pi modulo 100 pi, which changes values only by rounding).
+
+    Args:
+      mean: `[..., C]`; cov: `[..., C, C]` or `[..., C]`; basis: `[C, K]`.
+
+    Returns:
+      `[..., 2*K*(max_deg-min_deg)]`.
+    """
+    return integrated_pos_enc(*lift_and_diagonalize(mean, cov, basis), min_deg, max_deg)

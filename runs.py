@@ -24,7 +24,8 @@ import cli
 import config
 import datasets
 import ddp
-from model import MipNeRF
+from model import MLP, MipNeRF
+from model360 import MipNeRF360
 
 CHECKPOINT = re.compile(r'ckpt_\d+\.pt')
 PARTIAL_CHECKPOINT = re.compile(r'ckpt_\d+(\.partial\.pt|\.pt\.tmp)')  # atomic_output's (and older versions')
@@ -55,15 +56,26 @@ def set_precision(model, precision, compile=False):
     torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
     torch.backends.cudnn.allow_tf32 = precision == 'tf32'
     if compile:
-        model.mlp.compile()
+        for mlp in (m for m in model.modules() if isinstance(m, MLP)):
+            mlp.compile()
     return model
+
+
+def build_optimizer(model, cfg):
+    """Adam with the config's betas and epsilon (multinerf's 360 configs: eps 1e-6; mip-NeRF: 1e-8)."""
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr_init, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
+
+
+def make_model(args, randomized=True):
+    """The network of a `config.ModelArgs`: mip-NeRF or mip-NeRF 360 (`args.model`)."""
+    return (MipNeRF360 if args.model == 'mipnerf360' else MipNeRF)(args, randomized=randomized)
 
 
 def build_model(cfg):
     """The network of a config (randomized as --randomized), at its precision."""
-    return set_precision(
-        MipNeRF(config.ModelArgs.from_config(cfg), randomized=cfg.randomized), cfg.precision, cfg.compile
-    )
+    return set_precision(make_model(config.ModelArgs.from_config(cfg), cfg.randomized), cfg.precision, cfg.compile)
 
 
 # ----------------------------------------------------------------------------
@@ -156,7 +168,7 @@ def step_of(path):
 def load_model(ckpt, device='cpu'):
     """The network of a checkpoint dict, in eval mode on `device`; ValueError if this code's differs."""
     try:
-        model = MipNeRF(config.ModelArgs(**ckpt['model_args']), randomized=False)
+        model = make_model(config.ModelArgs(**ckpt['model_args']), randomized=False)
         model.load_state_dict(ckpt['model'])
     except (TypeError, RuntimeError) as e:
         raise ValueError(

@@ -33,6 +33,7 @@ import scenes
 import vis
 from loss import level_weights, mipnerf_loss, mse_to_psnr, total_loss, weighted_mse
 from model import MipNeRF
+from model360 import loss360
 from scheduler import Schedule
 
 
@@ -155,7 +156,7 @@ def _setup(cfg, device):
         cfg,
         model,
         net,
-        torch.optim.Adam(model.parameters(), lr=cfg.lr_init),
+        runs.build_optimizer(model, cfg),
         Schedule(cfg),
         datasets.RaySampler(train_data, cfg.batch_size, device, seed=cfg.seed + rank, batching=cfg.batching),
         device,
@@ -219,9 +220,12 @@ def resume(state):
             print(f'--resume: no checkpoint in {cfg.log_dir} yet, starting from step 0')
             return True
     model_args = dataclasses.asdict(state.model.args)
-    if ckpt['model_args'] != model_args:
+    there = dict(ckpt['model_args'])
+    if set(there) <= set(model_args):  # a checkpoint of an earlier version: its missing fields had their defaults
+        there = dataclasses.asdict(config.ModelArgs(**there))
+    if there != model_args:
         diff = ', '.join(
-            f'{k}: {v} there, {model_args.get(k)} here' for k, v in ckpt['model_args'].items() if model_args.get(k) != v
+            f'{k}: {v} there, {model_args.get(k)} here' for k, v in there.items() if model_args.get(k) != v
         )
         raise config.ConfigError(
             f'--resume {ckpt["path"]}: the checkpoint has a different network ({diff}); '
@@ -267,7 +271,16 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
     rays, target = sampler.sample()
     lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not model.args.stop_level_grad:
+    ddp_wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    args = (model.module if ddp_wrapped else model).args
+    if args.model == 'mipnerf360':
+        levels, history = model(rays, train_frac=step / cfg.max_steps, history=True)
+        loss, mse = loss360(
+            levels, history, target, lossmult, cfg.charb_padding, cfg.interlevel_loss_mult, cfg.distortion_loss_mult
+        )
+        loss.backward()
+        psnrs = mse_to_psnr(mse.detach())[None]  # the final level's: the proposals render no colour
+    elif ddp_wrapped or not args.stop_level_grad:
         loss, _, psnrs = mipnerf_loss(model(rays), target, lossmult, cfg.coarse_loss_mult)
         loss.backward()
     else:
@@ -327,7 +340,7 @@ def recover(state):
 
 
 def level_names(n):
-    return ['coarse', 'fine'] if n == 2 else [f'level{i}' for i in range(n)]
+    return {1: ['fine'], 2: ['coarse', 'fine']}.get(n) or [f'level{i}' for i in range(n)]
 
 
 def log_scalars(state, loss, psnrs, grad_norm, bar):

@@ -25,9 +25,15 @@ def colorize_depth(distance, near, far, acc=None):
     """Distance `[H, W]` -> RGB uint8 `[H, W, 3]`, turbo colour map from near to far.
 
     With the opacity `acc`, the colours are composited over white, so empty
-    space (whose expected distance means nothing) shows as background.
+    space (whose expected distance means nothing) shows as background. For
+    unbounded scenes (far > 100 near) the map is linear in disparity, from
+    1/near to 1/far, as mip-NeRF 360 spaces its samples.
     """
-    t = np.clip((as_numpy(distance) - near) / max(far - near, 1e-8), 0, 1)
+    d = as_numpy(distance)
+    if far > 100 * near > 0:
+        t = np.clip((1 / near - 1 / np.maximum(d, near)) / (1 / near - 1 / far), 0, 1)
+    else:
+        t = np.clip((d - near) / max(far - near, 1e-8), 0, 1)
     bgr = cv2.applyColorMap((t * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_TURBO)
     rgb = bgr[..., ::-1].astype(np.float32) / 255
     if acc is not None:

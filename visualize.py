@@ -30,15 +30,17 @@ def render_cameras(
     Intrinsics are those of the dataset's first (full-size) image divided by
     `render_factor`.
     """
+    import torch
+
     import pose_utils
-    import ray_utils
 
     h, w = data.sizes[0]
     if render_factor > min(h, w):
         raise ValueError(f'--render_factor {render_factor}: the images are {w}x{h}, so it can be at most {min(h, w)}')
     h, w = h // render_factor, w // render_factor
     focal = data.focal / render_factor
-    pix2cam = ray_utils.pinhole_pix2cam(focal, w, h)
+    # The first image's camera at 1/render_factor: pixel p of the small image is pixel r p of the full one.
+    pix2cam = data.pix2cam[0] @ torch.diag(torch.tensor([render_factor, render_factor, 1.0]))
     centres = data.all_cam2world[:, :, 3]
     ref_radius = float(centres.norm(dim=-1).mean())
     near, far = float(data.near[0]), float(data.far[0])
@@ -46,6 +48,11 @@ def render_cameras(
         if data.bounds is None:
             raise ValueError('--path spiral needs a forward-facing (LLFF) scene; use spherical or zoom')
         poses = pose_utils.spiral_path(data.all_cam2world, data.bounds, n_frames)
+        nears = fars = None
+    elif path == 'ellipse':
+        if data.ndc is not None:
+            raise ValueError('--path ellipse needs a 360-degree scene; use --path spiral for LLFF')
+        poses = pose_utils.generate_ellipse_path(data.all_cam2world, n_frames)
         nears = fars = None
     else:
         if data.ndc is not None:
@@ -93,8 +100,8 @@ def build_parser():
     p.add_argument(
         '--path',
         default=None,
-        choices=['spherical', 'spiral', 'zoom'],
-        help='camera path (default: spiral for LLFF, spherical otherwise)',
+        choices=['spherical', 'spiral', 'zoom', 'ellipse'],
+        help='camera path (default: spiral for LLFF, ellipse for unbounded scenes, spherical otherwise)',
     )
     p.add_argument(
         '--n_frames', type=cli.positive_int, default=120, help='frames in each video (the whole path; at least 1)'
@@ -145,7 +152,8 @@ def main(argv=None):
         with cli.stop_on_signals(prog=PROG, note='partial videos removed, nothing written'):
             try:
                 model, cfg, ckpt, device, data = runs.open_run(args, 'test')
-                path = args.path or ('spiral' if data.ndc is not None else 'spherical')
+                unbounded = cfg.dataset_name in ('360', 'capture')
+                path = args.path or ('spiral' if data.ndc is not None else 'ellipse' if unbounded else 'spherical')
                 poses, frames = render_cameras(
                     cfg,
                     data,

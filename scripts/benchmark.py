@@ -64,7 +64,7 @@ def synthetic_scene(n, size, focal_frac=1.389):
 
 
 def make_cfg(args, precision, compile):
-    argv = [
+    argv = (['--config', '360.txt'] if args.model == 'mipnerf360' else []) + [
         '--dataset_name',
         'blender',
         '--base_dir',
@@ -103,7 +103,7 @@ def bench_variant(name, args, data, device):
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None
         )
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_init)
+    opt = runs.build_optimizer(model, cfg)
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0, batching=cfg.batching)
 
@@ -114,6 +114,20 @@ def bench_variant(name, args, data, device):
         torch.cuda.reset_peak_memory_stats(device)
     step_s = timed(step, device, args.steps, args.warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+
+    frame = data.rays_of_image(0)
+    render_s = timed(lambda: model.render_image(frame, args.chunk), device, 1, 1)
+    if args.model == 'mipnerf360':  # the parts and the density grid below are mip-NeRF's
+        return dict(
+            name=name,
+            rays_s=cfg.batch_size / step_s,
+            ms=step_s * 1e3,
+            render_s=render_s,
+            grid_s=float('nan'),
+            peak_gb=peak,
+            parts={},
+            frame=tuple(frame.origins.shape[:2]),
+        )
 
     # Parts of a step, each on its own (forward and backward where there is one).
     a = model.args
@@ -151,9 +165,7 @@ def bench_variant(name, args, data, device):
         lambda: ray_utils.volumetric_rendering(rgb, dens, t_vals, rays.directions, True), device, args.steps, 2
     )
 
-    # One full frame, and one density grid.
-    frame = data.rays_of_image(0)
-    render_s = timed(lambda: model.render_image(frame, args.chunk), device, 1, 1)
+    # One density grid.
     density_fn, _ = meshing.model_fns(model.eval(), 3.0 / (args.grid_size - 1))
     lo, hi = np.full(3, -1.5), np.full(3, 1.5)
     grid_s = timed(
@@ -182,6 +194,7 @@ SIZES = {
     'steps': (20, 3, 'timed runs of each measurement (the median is reported)'),
     'warmup': (5, 1, 'untimed training steps before timing, 0 or more'),
 }
+SIZES_360 = {'batch_size': (16384, 256), 'num_samples': (32, 8), 'net_width': (1024, 64)}  # configs/360.txt's
 PRECISIONS = ('fp32', 'tf32', 'bf16')
 EXTRAS = ('compile',)
 
@@ -198,6 +211,13 @@ def build_parser():
     )
     ap.add_argument('--device', default='auto', help='auto (CUDA when present), cpu, cuda or cuda:N')
     ap.add_argument('--base_dir', default=None, help='a Blender scene folder to train on (default: synthetic images)')
+    ap.add_argument(
+        '--model',
+        default='mipnerf',
+        choices=['mipnerf', 'mipnerf360'],
+        help='the network: mip-NeRF (default sizes below) or mip-NeRF 360 (configs/360.txt: 16,384 rays, 32 + 2 x 64 '
+        'samples, width 1024)',
+    )
     ap.add_argument(
         '--variants',
         default='fp32,tf32,bf16',
@@ -237,6 +257,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     for name, (full, quick, _) in SIZES.items():
         if getattr(args, name) is None:
+            full, quick = SIZES_360.get(name, (full, quick)) if args.model == 'mipnerf360' else (full, quick)
             setattr(args, name, quick if args.quick else full)
     if args.grid_size < 2:
         fail(f'--grid_size must be at least 2, got {args.grid_size}')

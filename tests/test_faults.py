@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from test_reliability import PY, tiny_args, wait_for_checkpoint
 
 import cli
 import eval as eval_script
@@ -22,6 +21,7 @@ import train
 import train_utils
 import visualize
 from conftest import REPO
+from test_reliability import PY, tiny_args, wait_for_checkpoint
 
 
 def digest(path):
