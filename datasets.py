@@ -69,16 +69,7 @@ _BLENDER = dict(
 )
 # Unbounded scenes (mip-NeRF 360 and captures): multinerf's 360.gin. near and far are in the units of
 # pose_utils.transform_poses_pca (the cameras inside the unit ball), as multinerf: not scaled.
-_UNBOUNDED = dict(
-    white_bkgd=False,
-    near=0.2,
-    far=1e6,
-    factor=4,
-    ray_shape='cone',
-    density_noise=0.0,
-    lindisp=False,
-    batching='all_images',
-)
+_UNBOUNDED = dict(_BLENDER, white_bkgd=False, near=0.2, far=1e6, factor=4, batching='all_images')
 DATASETS = {
     'blender': Dataset('nerf_synthetic', 'scripts/download_blender.sh', 'lego', _BLENDER),
     'llff': Dataset(

@@ -195,18 +195,7 @@ def make_demo_scene(out_dir, size=100, supersample=4, views=None, verbose=True):
     folder; the first rename wins and the other's copy is dropped.
     """
     views = {s: n for s, (n, _) in SPLITS.items()} if views is None else views
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir.rstrip('/')) + '.partial.', dir=parent)
-    try:
-        _write_demo_scene(tmp, size, supersample, views)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not os.path.isdir(out_dir):  # not another process's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _make_atomically(out_dir, lambda tmp: _write_demo_scene(tmp, size, supersample, views))
     if verbose:
         print(
             f'demo scene written to {out_dir} ({size}x{size}, '
@@ -458,8 +447,8 @@ def _to_uint8_bgr(rgb):
 
 
 def _make_atomically(out_dir, write):
-    """`write(tmp)` fills a fresh temporary sibling of `out_dir`, then renamed to it (as `make_demo_scene`):
-    two makers at once each write their own; the first rename wins, the other's copy is dropped."""
+    """`write(tmp)` fills a fresh temporary sibling of `out_dir`, then renamed to it: two makers at once
+    each write their own; the first rename wins, the other's copy is dropped."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir.rstrip('/')) + '.partial.', dir=parent)

@@ -56,22 +56,21 @@ def scene(tiny_demo, tmp_path):
 
 
 # A network small enough for tests to train in seconds on a CPU.
-TINY_NET = [
-    '--num_samples',
-    '8',
-    '--net_depth',
-    '2',
-    '--net_width',
-    '32',
-    '--skip_layer',
-    '1',
-    '--net_width_condition',
-    '16',
-    '--max_deg_point',
-    '6',
-    '--deg_view',
-    '2',
-]
+TINY_NET = (
+    '--num_samples 8 --net_depth 2 --net_width 32 --skip_layer 1 '
+    '--net_width_condition 16 --max_deg_point 6 --deg_view 2'
+).split()
+
+
+def demo_run_args(scene, log_dir, *extra, dataset='demo'):
+    """train.py's flags for a tiny, fast run on the CPU on a demo-style scene (its near and far, a
+    high learning rate, TINY_NET); `extra` flags come last, so they win."""
+    return [
+        *('--dataset_name', dataset, '--base_dir', str(scene), '--log_dir', str(log_dir), '--device', 'cpu'),
+        *'--near 2.5 --far 5.5 --lr_init 5e-3 --lr_final 5e-4'.split(),
+        *TINY_NET,
+        *extra,
+    ]
 
 
 def make_blender_subset(src, dst, counts):

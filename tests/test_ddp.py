@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import REPO, TINY_NET
+from conftest import REPO, demo_run_args
 from runs import list_checkpoints
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
@@ -25,36 +25,8 @@ def test_two_process_gradient_equals_the_global_batch_gradient(tmp_path):
 
 
 def train_args(scene, log_dir, *extra):
-    return [
-        '--dataset_name',
-        'demo',
-        '--base_dir',
-        scene,
-        '--log_dir',
-        str(log_dir),
-        '--device',
-        'cpu',
-        '--near',
-        '2.5',
-        '--far',
-        '5.5',
-        '--batch_size',
-        '128',
-        '--lr_init',
-        '5e-3',
-        '--lr_final',
-        '5e-4',
-        '--lr_delay_steps',
-        '5',
-        '--log_every',
-        '5',
-        '--eval_every',
-        '10',
-        '--render_every',
-        '0',
-        *TINY_NET,
-        *extra,
-    ]
+    flags = '--batch_size 128 --lr_delay_steps 5 --log_every 5 --eval_every 10 --render_every 0'.split()
+    return demo_run_args(scene, log_dir, *flags, *extra)
 
 
 def test_two_process_training_saves_once_and_resumes_with_any_count(tiny_demo, tmp_path):

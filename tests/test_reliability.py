@@ -16,43 +16,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import FERN, REPO, TINY_NET, needs_cuda, needs_fern
+from conftest import FERN, REPO, demo_run_args, needs_cuda, needs_fern
 from runs import list_checkpoints
 
 PY = [sys.executable, os.path.join(REPO, 'train.py')]
 
 
 def tiny_args(scene, log_dir, *extra, dataset='demo'):
-    return [
-        '--dataset_name',
-        dataset,
-        '--base_dir',
-        str(scene),
-        '--log_dir',
-        str(log_dir),
-        '--device',
-        'cpu',
-        '--near',
-        '2.5',
-        '--far',
-        '5.5',
-        '--batch_size',
-        '128',
-        '--lr_init',
-        '5e-3',
-        '--lr_final',
-        '5e-4',
-        '--lr_delay_steps',
-        '10',
-        '--log_every',
-        '10',
-        '--eval_every',
-        '0',
-        '--render_every',
-        '0',
-        *TINY_NET,
-        *extra,
-    ]
+    flags = '--batch_size 128 --lr_delay_steps 10 --log_every 10 --eval_every 0 --render_every 0'.split()
+    return demo_run_args(scene, log_dir, *flags, *extra, dataset=dataset)
 
 
 @pytest.fixture

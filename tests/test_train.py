@@ -11,38 +11,13 @@ import pytest
 import torch
 
 import train
-from conftest import REPO, TINY_NET, needs_cuda
+from conftest import REPO, demo_run_args, needs_cuda
 from runs import load_checkpoint
 from scheduler import learning_rate
 
 
 def train_args(scene, log_dir, *extra):
-    return [
-        '--dataset_name',
-        'demo',
-        '--base_dir',
-        scene,
-        '--log_dir',
-        str(log_dir),
-        '--device',
-        'cpu',
-        '--near',
-        '2.5',
-        '--far',
-        '5.5',
-        '--batch_size',
-        '256',
-        '--lr_init',
-        '5e-3',
-        '--lr_final',
-        '5e-4',
-        '--lr_delay_steps',
-        '10',
-        '--log_every',
-        '10',
-        *TINY_NET,
-        *extra,
-    ]
+    return demo_run_args(scene, log_dir, *'--batch_size 256 --lr_delay_steps 10 --log_every 10'.split(), *extra)
 
 
 def read_eval(log_dir):
