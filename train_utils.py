@@ -294,13 +294,30 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
             mses.append(mse.detach())
         mses = torch.stack(mses)
         loss, psnrs = total_loss(mses, cfg.coarse_loss_mult), mse_to_psnr(mses)
-    max_norm = cfg.grad_max_norm if cfg.grad_max_norm > 0 else float('inf')
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_gradients(model.module if ddp_wrapped else model, cfg.grad_max_norm)
     finite = bool(torch.isfinite(loss.detach() + grad_norm))
     if finite:
         schedule.apply(optimizer, step + 1)
         optimizer.step()
     return loss.detach(), psnrs, grad_norm, finite
+
+
+def clip_gradients(model, max_norm):
+    """Clip the gradient of each of the model's MLPs to norm `max_norm` on its own (0: no clipping),
+    as multinerf's `clip_gradients`: a global clip would let the NeRF MLP's gradient, ~100 times the
+    proposal MLP's, shrink the proposal's far below Adam's epsilon. Returns the norm of the whole
+    gradient before clipping.
+    """
+    norms = []
+    for _, mlp in model.named_children():
+        params = [p for p in mlp.parameters() if p.grad is not None]
+        if not params:
+            continue
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        norms.append(norm)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class Diverged(Exception):

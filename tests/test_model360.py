@@ -7,6 +7,7 @@ import torch
 
 import runs
 import stepfun
+import train_utils
 from config import ModelArgs
 from model360 import MipNeRF360, compute_alpha_weights, loss360
 from ray_utils import Rays
@@ -115,6 +116,29 @@ def test_losses_reach_the_right_networks():
     assert all(p.grad is None or not p.grad.any() for p in m.prop_mlp.parameters())
     assert all(torch.isfinite(p.grad).all() for p in m.mlp.parameters() if p.grad is not None)
     assert float(mse.detach()) == pytest.approx(float(((levels[-1][0].detach() - target) ** 2).mean()), rel=1e-5)
+
+
+def test_each_mlp_is_clipped_on_its_own():
+    """multinerf clips the proposal and NeRF MLPs' gradients separately: a small proposal gradient
+    keeps its size beside a large NeRF one, and each large one ends at the bound."""
+    m = MipNeRF360(ModelArgs(**SMALL))
+    for scale, mlp in ((1e-4, m.prop_mlp), (3.0, m.mlp)):
+        params = list(mlp.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+        for p in params:
+            p.grad *= scale / norm
+
+    def norm(mlp):
+        return float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in mlp.parameters()])))
+
+    total = train_utils.clip_gradients(m, 1e-3)
+    assert float(total) == pytest.approx((1e-8 + 9.0) ** 0.5, rel=1e-5)
+    assert norm(m.prop_mlp) == pytest.approx(1e-4, rel=1e-5)
+    assert norm(m.mlp) == pytest.approx(1e-3, rel=1e-5)
+    train_utils.clip_gradients(m, 0.0)  # off
+    assert norm(m.mlp) == pytest.approx(1e-3, rel=1e-5)
 
 
 def test_charbonnier_data_term():
