@@ -3,9 +3,14 @@
 import json
 import os
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import eval as eval_script
+import extract_mesh
+import scenes
 import train
+import visualize
 from conftest import FERN, TINY_NET, needs_fern
 
 
@@ -64,3 +69,42 @@ def test_llff_config_on_fern(tmp_path):
 
 def test_multicam_config_on_converted_lego(lego_multicam, tmp_path):
     run('multicam.txt', lego_multicam, tmp_path / 'run', eval_every=0)  # training only; per-scale table: test_outputs
+
+
+# The mip-NeRF 360 network made tiny (configs/360.txt's structure: proposal rounds, bottleneck).
+TINY_360 = '--bottleneck_width 16 --prop_net_depth 2 --prop_net_width 16 --num_prop_samples 16'.split()
+
+
+@pytest.fixture(scope='module')
+def unbounded_scene(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('unbounded') / 'scene')
+    scenes.make_unbounded_scene(path, size=32, n_views=16, supersample=2, verbose=False)
+    return path
+
+
+def test_both_models_train_on_the_generated_unbounded_scene(unbounded_scene, tmp_path):
+    """configs/360.txt and mip-NeRF (disparity sampling) both learn on the unbounded scene; the 360
+    run then evaluates, renders its ellipse with depth and normals, resumes, and is refused a mesh."""
+    runs_360 = tmp_path / '360'
+    last = run('360.txt', unbounded_scene, runs_360, '--factor', '0', *TINY_360)
+    assert last['views'] == 2
+    run('360.txt', unbounded_scene, tmp_path / 'mip', '--factor', '0', '--model', 'mipnerf', '--lindisp', 'true')
+
+    eval_script.main(['--log_dir', str(runs_360), '--device', 'cpu'])
+    with open(runs_360 / 'eval_test_0000060' / 'metrics.json') as f:
+        assert json.load(f)['mean']['psnr'] == pytest.approx(last['psnr'], abs=0.05)  # deterministic rendering
+    visualize.main(
+        ['--log_dir', str(runs_360), '--device', 'cpu', '--n_frames', '2', '--visualize_depth', '--visualize_normals']
+    )
+    for name in ('video.mp4', 'depth.mp4', 'normals.mp4'):
+        assert os.path.getsize(runs_360 / name) > 0
+    train.main(
+        ['--config', '360.txt', '--base_dir', unbounded_scene, '--log_dir', str(runs_360), '--device', 'cpu']
+        + ['--factor', '0', '--max_steps', '70', '--batch_size', '256', '--eval_every', '0', '--resume']
+        + TINY_NET
+        + TINY_360
+    )
+    assert os.path.isfile(runs_360 / 'ckpt_0000070.pt')
+    with pytest.raises(SystemExit) as e:
+        extract_mesh.main(['--log_dir', str(runs_360), '--device', 'cpu'])
+    assert e.value.code == 2
