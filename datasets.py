@@ -109,8 +109,8 @@ def apply_defaults(cfg):
     for k, v in d.defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    if cfg.scene is None:
-        cfg.scene = d.scene
+    if cfg.scene is None:  # a scene folder given by --base_dir names the run after itself
+        cfg.scene = os.path.basename(os.path.normpath(cfg.base_dir)) if cfg.base_dir else d.scene
     if cfg.base_dir is None:
         cfg.base_dir = os.path.join(cfg.data_dir, d.folder, *([cfg.scene] if cfg.scene else []))
     if cfg.log_dir is None:

@@ -86,6 +86,10 @@ def test_data_paths_and_log_dir(tmp_path):
     cfg = config.get_config(['--data_dir', str(tmp_path), '--scene', 'ship'])
     assert cfg.base_dir == str(tmp_path / 'nerf_synthetic' / 'ship')
     assert cfg.log_dir == os.path.join('log', 'ship')
+    # A scene folder given directly names the run after itself, not after the dataset's default scene.
+    (tmp_path / 'my_room').mkdir()
+    cfg = config.get_config(['--config', '360.txt', '--base_dir', str(tmp_path / 'my_room') + os.sep])
+    assert cfg.log_dir == os.path.join('log', 'my_room')
 
 
 def test_config_file_is_read_and_flags_override_it(tmp_path):
