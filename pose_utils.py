@@ -246,3 +246,54 @@ def generate_ellipse_path(poses, n_frames=120, const_speed=True, z_variation=0.0
     up = torch.zeros(3, dtype=torch.float64)
     up[axis] = torch.sign(avg_up[axis])
     return viewmatrix(path - centre, up.expand_as(path), path).float()
+
+
+# ----------------------------------------------------------------------------
+# Comparing two reconstructions of the same cameras.
+
+
+def umeyama(src, dst):
+    """The similarity transform that best maps points `src` onto `dst` (both `[N, 3]`, N >= 3, not all on one
+    line), in least squares: Umeyama (1991), "Least-squares estimation of transformation parameters between two
+    point patterns".
+
+    Minimizes sum_i |dst_i - (s R src_i + t)|^2 over a scale s > 0, a rotation R (det +1, never a reflection)
+    and a translation t. Returns (s, R `[3, 3]`, t `[3]`), float64.
+    """
+    src, dst = torch.as_tensor(src).double(), torch.as_tensor(dst).double()
+    mean_src, mean_dst = src.mean(0), dst.mean(0)
+    a, b = src - mean_src, dst - mean_dst
+    u, sigma, vh = torch.linalg.svd(b.T @ a / len(src))  # the cross-covariance
+    d = torch.ones(3, dtype=src.dtype)
+    if torch.linalg.det(u) * torch.linalg.det(vh) < 0:  # the best orthogonal map is a reflection: flip the weakest axis
+        d[2] = -1
+    rot = u @ torch.diag(d) @ vh
+    scale = (sigma * d).sum() / a.square().sum(-1).mean()
+    return scale, rot, mean_dst - scale * rot @ mean_src
+
+
+def align_poses(poses, ref):
+    """Camera-to-world poses `poses` `[N, 3, 4]` mapped into the world of `ref` `[N, 3, 4]` (the same cameras,
+    found by another reconstruction) by the similarity that best aligns their centres (`umeyama`).
+
+    Returns (aligned poses `[N, 3, 4]`, rotation errors `[N]` in degrees (the angle of each aligned camera's
+    rotation relative to its reference), centre errors `[N]` (distances, in `ref`'s units)), float64.
+    """
+    poses, ref = torch.as_tensor(poses).double(), torch.as_tensor(ref).double()
+    scale, rot, t = umeyama(poses[:, :, 3], ref[:, :, 3])
+    aligned = torch.cat([rot @ poses[:, :, :3], (scale * poses[:, :, 3] @ rot.T + t)[:, :, None]], -1)
+    return (
+        aligned,
+        rotation_angle(ref[:, :, :3].transpose(1, 2) @ aligned[:, :, :3]),
+        (aligned[:, :, 3] - ref[:, :, 3]).norm(dim=-1),
+    )
+
+
+def rotation_angle(rot):
+    """The angle in degrees `[...]` of rotations `[..., 3, 3]`: atan2(sin, cos), exact also near 0 (where
+    arccos((trace - 1) / 2) loses half the digits)."""
+    cos = (rot.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    axis = torch.stack(
+        [rot[..., 2, 1] - rot[..., 1, 2], rot[..., 0, 2] - rot[..., 2, 0], rot[..., 1, 0] - rot[..., 0, 1]], -1
+    )
+    return torch.rad2deg(torch.atan2(axis.norm(dim=-1) / 2, cos))
