@@ -52,6 +52,19 @@ def test_no_module_imports_an_entry_script():
         assert not bad, f'{os.path.relpath(path, REPO)} imports {sorted(bad)}'
 
 
+def test_only_the_capture_script_imports_pycolmap():
+    """pycolmap is optional: training, rendering and every library module run without it."""
+    files = glob.glob(os.path.join(REPO, '*.py')) + glob.glob(os.path.join(REPO, 'scripts', '*.py'))
+    users = set()
+    for path in files:
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if any(n.split('.')[0] == 'pycolmap' for n in names):
+                users.add(os.path.relpath(path, REPO))
+    assert users == {os.path.join('scripts', 'process_capture.py')}
+
+
 def test_model_imports_nothing_of_the_project_but_ray_utils():
     assert project_imports(os.path.join(REPO, 'model.py')) == {'ray_utils'}
 
