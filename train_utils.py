@@ -308,15 +308,12 @@ def clip_gradients(model, max_norm):
     proposal MLP's, shrink the proposal's far below Adam's epsilon. Returns the norm of the whole
     gradient before clipping.
     """
-    norms = []
-    for _, mlp in model.named_children():
-        params = [p for p in mlp.parameters() if p.grad is not None]
-        if not params:
-            continue
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        norms.append(norm)
+    bound = max_norm if max_norm > 0 else float('inf')
+    norms = [
+        torch.nn.utils.clip_grad_norm_(params, bound)
+        for params in ([p for p in mlp.parameters() if p.grad is not None] for mlp in model.children())
+        if params
+    ]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
