@@ -29,13 +29,6 @@ def refused(match, fn, *args, **kwargs):
     return msg
 
 
-@pytest.fixture
-def scene(tiny_demo, tmp_path):
-    dst = tmp_path / 'scene'
-    shutil.copytree(tiny_demo, dst)
-    return dst
-
-
 def edit_meta(scene, split, fn):
     path = scene / f'transforms_{split}.json'
     meta = json.loads(path.read_text())
