@@ -21,7 +21,7 @@ import train
 import train_utils
 import visualize
 from conftest import REPO
-from test_reliability import PY, tiny_args, wait_for_checkpoint
+from test_reliability import PY, start_endless_run, tiny_args, wait_for_checkpoint
 
 
 def digest(path):
@@ -138,12 +138,7 @@ def test_eval_log_that_cannot_be_written_keeps_training(scene, tmp_path, monkeyp
 
 def test_a_second_run_in_the_same_folder_is_refused(scene, tmp_path):
     log = tmp_path / 'run'
-    first = subprocess.Popen(
-        PY + tiny_args(scene, log, '--max_steps', '1000000', '--save_every', '5'),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_endless_run(scene, log, stdout=subprocess.DEVNULL)
     try:
         wait_for_checkpoint(log, first)
         second = subprocess.run(

@@ -206,6 +206,16 @@ def test_a_new_run_refuses_a_folder_holding_another_run(scene, tmp_path, capsys)
 # 2. SIGKILL at random moments.
 
 
+def start_endless_run(scene, log_dir, stdout=subprocess.PIPE):
+    """A tiny training run in the background that goes on until stopped, saving every 5 steps."""
+    return subprocess.Popen(
+        PY + tiny_args(scene, log_dir, '--max_steps', '1000000', '--save_every', '5'),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def wait_for_checkpoint(log_dir, proc, timeout=60):
     t = time.time()
     while not list_checkpoints(str(log_dir)):
@@ -335,12 +345,7 @@ def test_resume_on_cuda_within_tolerance(scene, tmp_path):
 @pytest.mark.parametrize('sig,code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_save_and_exit_cleanly(scene, tmp_path, sig, code):
     log = tmp_path / 'run'
-    proc = subprocess.Popen(
-        PY + tiny_args(scene, log, '--max_steps', '1000000', '--save_every', '5'),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_endless_run(scene, log)
     wait_for_checkpoint(log, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
