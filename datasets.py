@@ -555,6 +555,19 @@ def read_poses_bounds(base_dir, factor, num_images=None, names=None):
     return poses, bounds, focal
 
 
+def to_poses_bounds(c2w, height, width, focal, bounds):
+    """poses_bounds.npy rows `[N, 17]`: the inverse of `read_poses_bounds`' conversion.
+
+    Each row is a 3x5 matrix [down, right, back, centre, (h, w, focal)] (LLFF's axes; `c2w` has
+    OpenGL's [right, up, back]) flattened row by row, then the (near, far) depth bounds.
+    """
+    c2w = np.asarray(c2w, np.float64)
+    n = len(c2w)
+    llff = np.concatenate([-c2w[:, :, 1:2], c2w[:, :, 0:1], c2w[:, :, 2:4]], -1)
+    hwf = np.broadcast_to(np.array([height, width, focal], np.float64)[:, None], (n, 3, 1))
+    return np.concatenate([np.concatenate([llff, hwf], -1).reshape(n, 15), np.asarray(bounds, np.float64)], 1)
+
+
 def _llff_files(base_dir, factor):
     """The image folder at `factor` (see llff_image_dir) and its image files, sorted by name."""
     folder = llff_image_dir(base_dir, factor)

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+import datasets
 import pose_utils
 
 CAMERA_ANGLE_X = 0.6911112070083618  # as nerf_synthetic
@@ -420,19 +421,6 @@ def render_unbounded(c2w, size, focal=None, supersample=4):
     return rgb / supersample**2, depth, kind
 
 
-def to_poses_bounds(c2w, height, width, focal, bounds):
-    """poses_bounds.npy rows `[N, 17]`: the inverse of `datasets.load_llff_poses`' conversion.
-
-    Each row is a 3x5 matrix [down, right, back, centre, (h, w, focal)] (LLFF's axes; `c2w` has
-    OpenGL's [right, up, back]) flattened row by row, then the (near, far) depth bounds.
-    """
-    c2w = np.asarray(c2w, np.float64)
-    n = len(c2w)
-    llff = np.concatenate([-c2w[:, :, 1:2], c2w[:, :, 0:1], c2w[:, :, 2:4]], -1)
-    hwf = np.broadcast_to(np.array([height, width, focal], np.float64)[:, None], (n, 3, 1))
-    return np.concatenate([np.concatenate([llff, hwf], -1).reshape(n, 15), np.asarray(bounds, np.float64)], 1)
-
-
 def depth_bounds(depth):
     """(near, far) of one image from its rays' depths: percentiles UNB_PERCENTILES of the finite ones
     (the sky excluded), as COLMAP/LLFF takes them from the depths of the points an image sees."""
@@ -467,7 +455,7 @@ def make_unbounded_scene(out_dir, size=96, n_views=64, supersample=4, seed=0, ve
     """Write the unbounded scene to `out_dir` in the mip-NeRF 360 layout (atomically, as `make_demo_scene`).
 
     `images/img_000.png`... (`size` x `size` RGB), `images_2/`, `images_4/` (area averages of the
-    rendered images, before rounding to 8 bits) and `poses_bounds.npy` (see `to_poses_bounds`;
+    rendered images, before rounding to 8 bits) and `poses_bounds.npy` (see `datasets.to_poses_bounds`;
     focal `unbounded_focal(size)` at the full size). Returns the cameras `[n_views, 3, 4]` (OpenGL).
     """
     if size % max(UNB_FACTORS):
@@ -488,7 +476,8 @@ def make_unbounded_scene(out_dir, size=96, n_views=64, supersample=4, seed=0, ve
                 path = os.path.join(tmp, folder, f'img_{i:0{width}d}.png')
                 if not cv2.imwrite(path, _to_uint8_bgr(small)):
                     raise OSError(f'could not write {path}')
-        np.save(os.path.join(tmp, 'poses_bounds.npy'), to_poses_bounds(c2w, size, size, unbounded_focal(size), bounds))
+        rows = datasets.to_poses_bounds(c2w, size, size, unbounded_focal(size), bounds)
+        np.save(os.path.join(tmp, 'poses_bounds.npy'), rows)
 
     _make_atomically(out_dir, write)
     if verbose:

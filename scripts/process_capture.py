@@ -98,7 +98,7 @@ def read_raw(path):
 
 
 def check_images(folder):
-    """The readable images of `folder` (sorted names) and their size (W, H); unreadable ones are skipped
+    """The readable images of `folder` (sorted names); unreadable ones are skipped
     with a note; a CaptureError when there is none or their sizes differ."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -131,7 +131,7 @@ def check_images(folder):
                 f'image {os.path.join(folder, name)} is {s[0]}x{s[1]}, but {first_name} is {first[0]}x{first[1]}: '
                 'all images must come from one camera at one size (resize or remove the odd ones)'
             )
-    return [n for n, _ in good], first
+    return [n for n, _ in good]
 
 
 def sharpness(bgr):
@@ -377,14 +377,6 @@ def write_transforms(path, fx, fy, w, h, names, c2w):
         json.dump(meta, f, indent=1)
 
 
-def write_poses_bounds(path, f, w, h, c2w, bounds):
-    """LLFF's rows: each a [down, right, back, centre, (h, w, focal)] 3x5 matrix flattened, then near and far."""
-    c2w = np.asarray(c2w)
-    llff = np.concatenate([-c2w[:, :, 1:2], c2w[:, :, 0:1], c2w[:, :, 2:4]], -1)
-    hwf = np.broadcast_to(np.array([h, w, f], np.float64)[:, None], (len(c2w), 3, 1))
-    np.save(path, np.concatenate([np.concatenate([llff, hwf], -1).reshape(len(c2w), 15), np.asarray(bounds)], 1))
-
-
 def process(args, names, total_frames, tmp):
     """Everything, written into the empty folder `tmp`; `names` are the images of the INPUT folder (None for a
     video of `total_frames` frames). Returns a summary line."""
@@ -427,7 +419,9 @@ def process(args, names, total_frames, tmp):
     write_images(image_dir, kept, tmp, undistort_maps(camera, fx, fy, w, h))
     if args.format == 'llff':
         bounds = np.stack([depth_bounds(model, im) for im in images])
-        write_poses_bounds(os.path.join(tmp, 'poses_bounds.npy'), fx, w, h, c2w, bounds)
+        import datasets
+
+        np.save(os.path.join(tmp, 'poses_bounds.npy'), datasets.to_poses_bounds(c2w, h, w, fx, bounds))
     else:
         write_transforms(os.path.join(tmp, 'transforms.json'), fx, fy, w, h, kept, c2w)
     shutil.rmtree(work)
@@ -459,7 +453,7 @@ def main(argv=None):
             try:
                 names, total_frames = None, None
                 if os.path.isdir(args.input):
-                    names = check_images(args.input)[0]
+                    names = check_images(args.input)
                 else:
                     total_frames = count_frames(args.input)
                 import_pycolmap()
@@ -482,12 +476,8 @@ def main(argv=None):
         if not os.path.exists(args.out):
             cli.remove_empty_dirs(made)
     print(f'{summary}; wrote {args.out} in {time.time() - start:.0f} s')
-    name = os.path.basename(os.path.normpath(args.out))
     dataset = 'capture' if args.format == 'transforms' else '360'
-    print(
-        f'train it: python train.py --config configs/360.txt --dataset_name {dataset} --base_dir {args.out} '
-        f'--log_dir log/{name}'
-    )
+    print(f'train it: python train.py --config configs/360.txt --dataset_name {dataset} --base_dir {args.out}')
 
 
 if __name__ == '__main__':

@@ -161,7 +161,7 @@ def test_pixels_are_the_ray_cast(unbounded):
     assert checked[scenes.KIND_GROUND] > 100
     # A close-up of the pedestal (its squares are 2-3 pixels wide in the small images above).
     size = 32
-    rows = scenes.to_poses_bounds(
+    rows = datasets.to_poses_bounds(
         pose_utils.spherical_pose(20.0, 25.0, 1.6, dtype=torch.float64)[None].numpy(), size, size, 40.0, [[1, 2]]
     )
     rgb, _, _ = scenes.render_unbounded(opengl_poses(rows)[0], size, 40.0, supersample=4)
