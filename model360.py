@@ -21,22 +21,8 @@ import torch.nn.functional as F
 
 import ray_utils
 import stepfun
+from loss import weighted_mse
 from model import MLP, Renderer
-
-
-def compute_alpha_weights(density, t, dirs, opaque_background=False):
-    """Compositing weights `[..., S]` of densities `[..., S]` on intervals `t [..., S+1]` along `dirs [..., 3]`.
-
-    With `opaque_background` the last interval is infinitely dense (multinerf's
-    `compute_alpha_weights`): every ray ends there, whatever lies beyond `far`.
-    """
-    delta = (t[..., 1:] - t[..., :-1]) * torch.linalg.norm(dirs[..., None, :], dim=-1)
-    density_delta = density * delta
-    if opaque_background:
-        density_delta = torch.cat([density_delta[..., :-1], torch.full_like(density_delta[..., -1:], torch.inf)], -1)
-    alpha = 1 - torch.exp(-density_delta)
-    trans = torch.exp(-torch.cat([torch.zeros_like(density_delta[..., :1]), density_delta[..., :-1].cumsum(-1)], -1))
-    return alpha * trans
 
 
 def composite(rgb, weights, t, bg):
@@ -87,8 +73,7 @@ class MipNeRF360(Renderer):
         (mean `[..., S, 3]`, covariance `[..., S, 3, 3]`), contracted, lifted onto the basis, IPE'd."""
         a = self.args
         mean, cov = ray_utils.track_linearize(ray_utils.contract, mean, cov)
-        lifted_mean, lifted_var = ray_utils.lift_and_diagonalize(mean, cov, self.basis)
-        x = ray_utils.integrated_pos_enc(lifted_mean, lifted_var, a.min_deg_point, a.max_deg_point)
+        x = ray_utils.integrated_pos_enc_basis(mean, cov, self.basis, a.min_deg_point, a.max_deg_point)
         with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             raw_rgb, raw_density = mlp(x, view_enc)
         raw_density = raw_density.float()
@@ -131,23 +116,24 @@ class MipNeRF360(Renderer):
             # the next level's from above (less aliasing); then anneal it from uniform over training.
             dilation = a.dilation_bias + a.dilation_multiplier / prod_num_samples
             prod_num_samples *= num_samples
-            if level > 0 and (a.dilation_bias > 0 or a.dilation_multiplier > 0):
-                sdist, weights = stepfun.max_dilate_weights(
-                    sdist, weights, dilation, domain=(0.0, 1.0), renormalize=True
+            # No graph is recorded for the resampling when its result is detached (stop_level_grad): the
+            # dilation alone would hold a [..., 3S+1, S] tensor per round for a backward that never comes.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not a.stop_level_grad):
+                if level > 0 and (a.dilation_bias > 0 or a.dilation_multiplier > 0):
+                    sdist, weights = stepfun.max_dilate_weights(
+                        sdist, weights, dilation, domain=(0.0, 1.0), renormalize=True
+                    )
+                    sdist, weights = sdist[..., 1:-1], weights[..., 1:-1]
+                if a.anneal_slope > 0:  # Schlick's bias function of the training fraction
+                    anneal = a.anneal_slope * train_frac / ((a.anneal_slope - 1) * train_frac + 1)
+                else:
+                    anneal = 1.0
+                logits = torch.where(
+                    sdist[..., 1:] > sdist[..., :-1], anneal * torch.log(weights + a.resample_padding), -torch.inf
                 )
-                sdist, weights = sdist[..., 1:-1], weights[..., 1:-1]
-            if a.anneal_slope > 0:  # Schlick's bias function of the training fraction
-                anneal = a.anneal_slope * train_frac / ((a.anneal_slope - 1) * train_frac + 1)
-            else:
-                anneal = 1.0
-            logits = torch.where(
-                sdist[..., 1:] > sdist[..., :-1], anneal * torch.log(weights + a.resample_padding), -torch.inf
-            )
-            sdist = stepfun.sample_intervals(
-                sdist, logits, num_samples, single_jitter=a.single_jitter, domain=(0.0, 1.0), rand=randomized
-            )
-            if a.stop_level_grad:
-                sdist = sdist.detach()
+                sdist = stepfun.sample_intervals(
+                    sdist, logits, num_samples, single_jitter=a.single_jitter, domain=(0.0, 1.0), rand=randomized
+                )
             tdist = s_to_t(sdist)
             mean, cov = ray_utils.cast_rays(tdist, rays.origins, rays.directions, rays.radii, a.ray_shape, diag=False)
             if a.disable_integration:
@@ -162,7 +148,7 @@ class MipNeRF360(Renderer):
                 if want_normals:
                     (grad,) = torch.autograd.grad(density.sum(), mean)
                     density = density.detach()
-            weights = compute_alpha_weights(density, tdist, rays.directions, a.opaque_background)
+            weights = ray_utils.compute_alpha_weights(density, tdist, rays.directions, a.opaque_background)
             if rgb is None:
                 rgb = torch.zeros_like(mean)
             out = composite(rgb, weights, tdist, bg)
@@ -183,10 +169,9 @@ def loss360(levels, ray_history, target, lossmult, charb_padding, interlevel_mul
     Returns (loss, final level's MSE) (scalars).
     """
     rgb = levels[-1][0]
+    mse = weighted_mse(rgb, target, lossmult)
     lossmult = torch.broadcast_to(lossmult, rgb.shape)
-    resid_sq = (rgb - target) ** 2
-    mse = (lossmult * resid_sq).sum() / lossmult.sum()
-    data = (lossmult * torch.sqrt(resid_sq + charb_padding**2)).sum() / lossmult.sum()
+    data = (lossmult * torch.sqrt((rgb - target) ** 2 + charb_padding**2)).sum() / lossmult.sum()
     c, w = ray_history[-1]
     interlevel = sum(stepfun.lossfun_outer(c.detach(), w.detach(), cp, wp).mean() for cp, wp in ray_history[:-1])
     distortion = stepfun.lossfun_distortion(c, w).mean()

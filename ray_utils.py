@@ -367,6 +367,22 @@ def resample_along_rays(
 # Volume rendering (Eq. 3 of NeRF, Mildenhall et al. 2020).
 
 
+def compute_alpha_weights(density, t, dirs, opaque_background=False):
+    """Compositing weights `[..., S]` of densities `[..., S]` on intervals `t [..., S+1]` along `dirs [..., 3]`.
+
+    w_i = (1 - exp(-sigma_i delta_i)) exp(-sum_{j<i} sigma_j delta_j), delta_i the interval's length
+    times |dirs|. With `opaque_background` the last interval is infinitely dense (mip-NeRF 360, as
+    multinerf's `compute_alpha_weights`): every ray ends there, whatever lies beyond `far`.
+    """
+    delta = (t[..., 1:] - t[..., :-1]) * torch.linalg.norm(dirs[..., None, :], dim=-1)
+    density_delta = density * delta
+    if opaque_background:
+        density_delta = torch.cat([density_delta[..., :-1], torch.full_like(density_delta[..., -1:], torch.inf)], -1)
+    alpha = 1 - torch.exp(-density_delta)
+    trans = torch.exp(-torch.cat([torch.zeros_like(density_delta[..., :1]), density_delta[..., :-1].cumsum(-1)], -1))
+    return alpha * trans
+
+
 def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
     """Alpha-composite S intervals along each ray.
 
@@ -383,14 +399,7 @@ def volumetric_rendering(rgb, density, t_vals, dirs, white_bkgd):
       acc `[...]` opacity, weights `[..., S]`.
     """
     t_mids = 0.5 * (t_vals[..., :-1] + t_vals[..., 1:])
-    t_dists = t_vals[..., 1:] - t_vals[..., :-1]
-    delta = t_dists * torch.linalg.norm(dirs[..., None, :], dim=-1)
-    density_delta = density * delta
-    alpha = 1 - torch.exp(-density_delta)
-    trans = torch.exp(
-        -torch.cat([torch.zeros_like(density_delta[..., :1]), torch.cumsum(density_delta[..., :-1], dim=-1)], dim=-1)
-    )
-    weights = alpha * trans
+    weights = compute_alpha_weights(density, t_vals, dirs)
     comp_rgb = (weights[..., None] * rgb).sum(dim=-2)
     acc = weights.sum(dim=-1)
     t_near, t_far = t_vals[..., 0], t_vals[..., -1]

@@ -9,8 +9,8 @@ import runs
 import stepfun
 import train_utils
 from config import ModelArgs
-from model360 import MipNeRF360, compute_alpha_weights, loss360
-from ray_utils import Rays
+from model360 import MipNeRF360, loss360
+from ray_utils import Rays, compute_alpha_weights
 
 # configs/360.txt's network, and a small one for speed.
 FULL = dict(
