@@ -84,23 +84,23 @@ def loop(state, signals):
         out_of_time = main and cfg.max_minutes > 0 and state.train_seconds() > 60 * cfg.max_minutes
         signalled, out_of_time = ddp.any_rank([signals.signum is not None, out_of_time], state.device)
         if state.step >= cfg.max_steps or signalled or out_of_time:
-            break
+            bar.update(tu.settle(state, state.pending))  # the last step may not count
+            state.pending = None
+            if state.step >= cfg.max_steps or signalled or out_of_time:
+                break
         loss, psnrs, grad_norm, finite = tu.train_step(
             state.net, state.optimizer, state.schedule, state.sampler, cfg, state.step
         )
-        if not finite:
-            state.nonfinite += 1
-            if main:
-                state.writer.add_scalar('train/nonfinite_skipped', state.nonfinite, state.step)
-                tqdm.write(f'step {state.step}: non-finite loss or gradient; step skipped ({state.nonfinite} in a row)')
-            if state.nonfinite >= cfg.max_nonfinite:
-                bar.update(tu.recover(state))
-            continue
-        state.nonfinite = 0
-        state.step += 1
+        state.step += 1  # counted now, taken back by settle if it was not finite
         bar.update(1)
-        state.window[1:] = [state.window[1] + psnrs[-1], state.window[2] + 1]  # no host sync
-
+        ok = finite.to(psnrs.dtype)
+        state.window[1:] = [state.window[1] + ok * psnrs[-1].nan_to_num(), state.window[2] + 1]  # no host sync
+        # The step before is done or nearly: read its flag while the device works on this one.
+        previous, state.pending = state.pending, finite
+        bar.update(tu.settle(state, previous))
+        if due(cfg, state.step):  # what follows reads the step count: this step's flag first
+            bar.update(tu.settle(state, state.pending))
+            state.pending = None
         step = state.step
         if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             tu.log_scalars(state, loss, psnrs, grad_norm, bar)
@@ -116,6 +116,12 @@ def loop(state, signals):
             tu.save(state)
     bar.close()
     return tu.finish(state, signals, signalled, out_of_time)
+
+
+def due(cfg, step):
+    """Whether step `step` logs, renders, evaluates or saves, or is the last."""
+    cadences = (cfg.log_every, cfg.render_every, cfg.eval_every, cfg.save_every)
+    return step >= cfg.max_steps or any(every and step % every == 0 for every in cadences)
 
 
 if __name__ == '__main__':

@@ -55,6 +55,7 @@ class TrainState:
     step: int = 0
     initial: dict = None  # the state at the start, for a rollback before any checkpoint
     nonfinite: int = 0  # non-finite steps in a row
+    pending: torch.Tensor = None  # the last step's `finite`, not read yet
     rollbacks: int = 0  # reloads after non-finite steps
     saved_at: int = None  # the step of the last checkpoint this run wrote
     evaluated_at: int = None
@@ -146,7 +147,7 @@ def _setup(cfg, device):
             )
     ddp.barrier()
     train_data = datasets.dataset_from_config(cfg, 'train')
-    model = runs.build_model(cfg).to(device)
+    model = runs.build_model(cfg, device).to(device)
     net = model
     if ddp.launched():
         net = torch.nn.parallel.DistributedDataParallel(
@@ -265,8 +266,9 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
 
     The update uses the rate of step `step + 1`, as the official loop, which
     counts steps from 1 (the last update uses lr_final). Returns (loss,
-    per-level PSNRs, gradient norm, finite). When the loss or the gradient is
-    not finite, the parameters are left unchanged.
+    per-level PSNRs, gradient norm, finite), device tensors: nothing waits
+    for the device. When the loss or the gradient is not finite, the
+    parameters and the optimizer's state are left unchanged.
     """
     rays, target = sampler.sample()
     lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
@@ -295,10 +297,12 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
         mses = torch.stack(mses)
         loss, psnrs = total_loss(mses, cfg.coarse_loss_mult), mse_to_psnr(mses)
     grad_norm = clip_gradients(model.module if ddp_wrapped else model, cfg.grad_max_norm)
-    finite = bool(torch.isfinite(loss.detach() + grad_norm))
-    if finite:
-        schedule.apply(optimizer, step + 1)
-        optimizer.step()
+    finite = torch.isfinite(loss.detach() + grad_norm)
+    # No host read here: the fused Adam skips the update (parameters, moments, step count) on the
+    # device when found_inf is 1, as under a GradScaler. The loop reads `finite` a step later.
+    optimizer.found_inf = (~finite).float()
+    schedule.apply(optimizer, step + 1)
+    optimizer.step()
     return loss.detach(), psnrs, grad_norm, finite
 
 
@@ -315,6 +319,27 @@ def clip_gradients(model, max_norm):
         if params
     ]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def settle(state, finite):
+    """Book a launched step's `finite` flag, read while the device runs the next step (or, before
+    anything that reads the step count, at once). A non-finite step was skipped on the device: it
+    does not count, and after --max_nonfinite in a row the run rolls back (`recover`). Returns the
+    change in the step count: 0 for a finite step (or None: nothing pending)."""
+    if finite is None:
+        return 0
+    if bool(finite):
+        state.nonfinite = 0
+        return 0
+    state.step -= 1
+    state.nonfinite += 1
+    if state.main:
+        state.writer.add_scalar('train/nonfinite_skipped', state.nonfinite, state.step)
+        tqdm.write(f'step {state.step}: non-finite loss or gradient; step skipped ({state.nonfinite} in a row)')
+    if state.nonfinite < state.cfg.max_nonfinite:
+        return -1
+    state.pending = None  # launched from the parameters that the rollback replaces
+    return recover(state) - 1
 
 
 class Diverged(Exception):

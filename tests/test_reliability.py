@@ -378,7 +378,9 @@ def test_nonfinite_steps_are_skipped_then_reload_with_half_the_rate(scene, tmp_p
     log = tmp_path / 'run'
     train.main(tiny_args(scene, log, '--max_steps', '40', '--save_every', '20', '--max_nonfinite', '5'))
     out = capsys.readouterr().out
-    assert out.count('non-finite loss or gradient; step skipped') == 8  # the 6th bad one follows the reload
+    # 7: the 6th bad step was launched before the 5th one's flag was read (train.py reads a step's flag
+    # while the device runs the next), so the rollback discards it with the other parameters.
+    assert out.count('non-finite loss or gradient; step skipped') == 7
     assert '(2 in a row)' in out and '(5 in a row)' in out
     assert f'5 non-finite steps in a row: reloaded {log}/ckpt_0000020.pt (step 20) and halved the learning rate' in out
     ckpt = torch.load(log / 'ckpt_0000040.pt', weights_only=False)
