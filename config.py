@@ -235,7 +235,7 @@ def build_parser():
 
     g = p.add_argument_group('device and speed')
     add_speed_flags(g, default_precision='fp32')
-    cli.add_bool(g, '--compile', False, 'torch.compile the MLP (where it does not run as fused kernels)')
+    cli.add_bool(g, '--compile', False, 'torch.compile the MLP')
 
     g = p.add_argument_group('logging and checkpoints')
     flag = g.add_argument
@@ -275,14 +275,8 @@ def add_speed_flags(group, default_precision):
         '--precision',
         default=default_precision,
         choices=['fp32', 'tf32', 'bf16'],
-        help='matrix precision: fp32, tf32 (CUDA), or bf16 (the MLP in bfloat16, as fused kernels on CUDA; '
+        help='matrix precision: fp32, tf32 (CUDA), or bf16 (the MLP under bfloat16 autocast; '
         'the rest float32)' + ('' if default_precision else "; default: the run's"),
-    )
-    cli.add_bool(
-        group,
-        '--fused_mlp',
-        True,
-        'with bf16 on CUDA, the MLP as fused Triton kernels (false: under bfloat16 autocast)',
     )
 
 

@@ -59,7 +59,6 @@ class MLP(nn.Module):
     ):
         super().__init__()
         self.skip_layer = skip_layer
-        self.kernel = None  # a function (mlp, x, cond) computing forward on CUDA (runs.set_precision: fused_mlp's)
         layers, in_dim = [], x_dim
         for i in range(net_depth):
             layers.append(_dense(in_dim, net_width, init))
@@ -93,8 +92,6 @@ class MLP(nn.Module):
         function and parameters, without copying the skip input, and the
         view-direction term is computed once per ray instead of per sample.
         """
-        if self.kernel is not None and x.is_cuda:
-            return self.kernel(self, x, cond)
         inputs = x
         skip = False
         for i, layer in enumerate(self.trunk):

@@ -24,7 +24,6 @@ import cli
 import config
 import datasets
 import ddp
-import fused_mlp
 from model import MLP, MipNeRF
 from model360 import MipNeRF360
 
@@ -47,28 +46,18 @@ def resolve_device(name):
     return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else 'cpu' if name == 'auto' else name)
 
 
-def set_precision(model, precision, compile=False, device=None, fused=True):
+def set_precision(model, precision, compile=False):
     """The precision switches, set in one place: 'fp32' (exact float32 matrix products),
-    'tf32' (TensorFloat-32 matrix products on CUDA) or 'bf16' (the MLP in bfloat16; sampling, IPE
-    and compositing stay float32). In bf16 on a CUDA `device` (default: the model's) the MLPs run
-    as `fused_mlp`'s kernels; where those cannot run, one line says why and the MLPs run under
-    bfloat16 autocast (`fused=False`: always). `compile` torch.compiles the MLPs that do not run as kernels."""
+    'tf32' (TensorFloat-32 matrix products on CUDA) or 'bf16' (the MLP under bfloat16
+    autocast; sampling, IPE and compositing stay float32); `compile` torch.compiles the MLP."""
     if precision not in ('fp32', 'tf32', 'bf16'):
         raise ValueError(f'precision must be fp32, tf32 or bf16, got {precision!r}')
     model.bf16 = precision == 'bf16'
     torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
     torch.backends.cudnn.allow_tf32 = precision == 'tf32'
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    mlps = [m for m in model.modules() if isinstance(m, MLP)]
-    why = (fused_mlp.unavailable(device) if fused else 'off') if model.bf16 else 'bf16 only'
-    for mlp in mlps:
-        mlp.kernel = fused_mlp.forward if why is None and fused_mlp.supports(mlp) else None
-    if model.bf16 and fused and why is not None and ddp.is_main():
-        print(f'--precision bf16: the fused MLP kernels are off ({why}); the MLP runs under bfloat16 autocast')
     if compile:
-        for mlp in mlps:
-            if mlp.kernel is None:
-                mlp.compile()
+        for mlp in (m for m in model.modules() if isinstance(m, MLP)):
+            mlp.compile()
     return model
 
 
@@ -85,12 +74,9 @@ def make_model(args, randomized=True):
     return (MipNeRF360 if args.model == 'mipnerf360' else MipNeRF)(args, randomized=randomized)
 
 
-def build_model(cfg, device=None):
-    """The network of a config (randomized as --randomized), at its precision for `device` (default: --device)."""
-    model = make_model(config.ModelArgs.from_config(cfg), cfg.randomized)
-    return set_precision(
-        model, cfg.precision, cfg.compile, device or resolve_device(cfg.device), getattr(cfg, 'fused_mlp', True)
-    )
+def build_model(cfg):
+    """The network of a config (randomized as --randomized), at its precision."""
+    return set_precision(make_model(config.ModelArgs.from_config(cfg), cfg.randomized), cfg.precision, cfg.compile)
 
 
 # ----------------------------------------------------------------------------
@@ -293,12 +279,7 @@ def open_run(args, split=None):
         args.log_dir = os.path.dirname(os.path.abspath(args.ckpt))
     device = ddp.setup(resolve_device(args.device))
     model, cfg, ckpt = load_run(args.ckpt or args.log_dir, device)
-    set_precision(
-        model,
-        args.precision or getattr(cfg, 'precision', 'fp32'),
-        device=device,
-        fused=getattr(args, 'fused_mlp', True),
-    )
+    set_precision(model, args.precision or getattr(cfg, 'precision', 'fp32'))
     if getattr(args, 'base_dir', None):
         cfg.base_dir = args.base_dir
     data = datasets.dataset_from_config(cfg, split) if split else None

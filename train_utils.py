@@ -147,7 +147,7 @@ def _setup(cfg, device):
             )
     ddp.barrier()
     train_data = datasets.dataset_from_config(cfg, 'train')
-    model = runs.build_model(cfg, device).to(device)
+    model = runs.build_model(cfg).to(device)
     net = model
     if ddp.launched():
         net = torch.nn.parallel.DistributedDataParallel(
@@ -298,11 +298,15 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
         loss, psnrs = total_loss(mses, cfg.coarse_loss_mult), mse_to_psnr(mses)
     grad_norm = clip_gradients(model.module if ddp_wrapped else model, cfg.grad_max_norm)
     finite = torch.isfinite(loss.detach() + grad_norm)
-    # No host read here: the fused Adam skips the update (parameters, moments, step count) on the
-    # device when found_inf is 1, as under a GradScaler. The loop reads `finite` a step later.
-    optimizer.found_inf = (~finite).float()
     schedule.apply(optimizer, step + 1)
-    optimizer.step()
+    if all(group.get('fused') for group in optimizer.param_groups):
+        # No host read: a fused optimizer (runs.build_optimizer's Adam) skips the update
+        # (parameters, moments, step count) on the device when found_inf is 1, as under a
+        # GradScaler. The loop reads `finite` a step later.
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    elif finite:  # any other optimizer: decided on the host
+        optimizer.step()
     return loss.detach(), psnrs, grad_norm, finite
 
 

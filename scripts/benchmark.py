@@ -63,7 +63,7 @@ def synthetic_scene(n, size, focal_frac=1.389):
     return datasets.SceneData(images, pix2cam, c2w, 2.0, 6.0)
 
 
-def make_cfg(args, precision, compile, fused=True):
+def make_cfg(args, precision, compile):
     argv = (['--config', '360.txt'] if args.model == 'mipnerf360' else []) + [
         '--dataset_name',
         'blender',
@@ -79,8 +79,6 @@ def make_cfg(args, precision, compile, fused=True):
         precision,
         '--compile',
         str(compile).lower(),
-        '--fused_mlp',
-        str(fused).lower(),
         '--max_steps',
         '1000000',
     ]
@@ -97,9 +95,9 @@ def bench_variant(name, args, data, device):
     from scheduler import Schedule
 
     precision, *extras = name.split('+')
-    cfg = make_cfg(args, precision, 'compile' in extras, 'plain' not in extras)
+    cfg = make_cfg(args, precision, 'compile' in extras)
     torch.manual_seed(0)
-    model = runs.build_model(cfg, device).to(device)
+    model = runs.build_model(cfg).to(device)
     net = model
     if ddp.launched():  # the DDP path, as train.py takes it under torchrun
         net = torch.nn.parallel.DistributedDataParallel(
@@ -198,7 +196,7 @@ SIZES = {
 }
 SIZES_360 = {'batch_size': (16384, 256), 'num_samples': (32, 8), 'net_width': (1024, 64)}  # configs/360.txt's
 PRECISIONS = ('fp32', 'tf32', 'bf16')
-EXTRAS = ('compile', 'plain')
+EXTRAS = ('compile',)
 
 
 def fail(message):
@@ -223,8 +221,7 @@ def build_parser():
     ap.add_argument(
         '--variants',
         default='fp32,tf32,bf16',
-        help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile (torch.compile) and '
-        '+plain (bf16 under autocast instead of the fused MLP kernels)',
+        help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile (torch.compile)',
     )
     for name, (full, quick, text) in SIZES.items():
         # default None: filled in by parse_args() from --quick, so that explicit flags win over it.
@@ -251,7 +248,7 @@ def check_variants(spec):
             fail(f'--variants {spec}: {name!r} must start with a precision, one of {", ".join(PRECISIONS)}')
         unknown = [e for e in extras if e not in EXTRAS]
         if unknown:
-            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile or +plain)')
+            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile)')
     return names
 
 

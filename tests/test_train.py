@@ -182,3 +182,38 @@ def test_a_log_file_gets_lines_not_progress_bars(tiny_demo, tmp_path):
     assert [ln.split(':')[0] for ln in lines if re.match(r'step \d+: loss', ln)] == ['step 10', 'step 20', 'step 30']
     assert [ln.split(':')[0] for ln in lines if re.match(r'step \d+: test PSNR', ln)] == ['step 15', 'step 30']
     assert lines[-1].startswith('done: 30 steps')
+
+
+def test_a_nonfinite_step_leaves_parameters_and_adam_unchanged_without_a_host_read(tiny_demo, monkeypatch):
+    """The fused Adam of runs.build_optimizer skips a non-finite update on the device (found_inf):
+    parameters and Adam's moments and step count stay bit for bit; the next finite step updates."""
+    import config as config_lib
+    import datasets
+    import runs
+    import train_utils
+    from scheduler import Schedule
+
+    cfg = config_lib.get_config(train_args(tiny_demo, 'unused'))
+    data = datasets.dataset_from_config(cfg, 'train')
+    model = runs.build_model(cfg)
+    opt = runs.build_optimizer(model, cfg)
+    sampler = datasets.RaySampler(data, 64, 'cpu', seed=0)
+    assert bool(train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, 0)[3])
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    real = sampler.sample
+
+    def nan_target():  # a NaN in the target colours makes the loss NaN
+        rays, target = real()
+        return rays, target * float('nan')
+
+    monkeypatch.setattr(sampler, 'sample', nan_target)
+    finite = train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, 1)[3]
+    assert isinstance(finite, torch.Tensor) and not bool(finite)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert all(torch.equal(v, moments[n][k]) for k, v in opt.state[p].items()), n
+    monkeypatch.setattr(sampler, 'sample', real)
+    assert bool(train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, 1)[3])
+    assert all(not torch.equal(p, params[n]) for n, p in model.named_parameters() if p.grad.abs().max() > 0)
+    assert int(opt.state[next(model.parameters())]['step']) == 2
