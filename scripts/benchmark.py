@@ -7,10 +7,15 @@
 For each variant (a precision, then optionally +compile for torch.compile of
 the MLP) it times whole training
 steps (ray sampling on the device, both levels, loss, backward, Adam, the
-schedule), then the parts of a step on their own (sampling + Gaussians, IPE,
-MLP forward and backward, compositing), renders one full frame and one
-grid_size^3 density grid, and prints one table. Device work is timed with
-synchronization around the timed region, after warm-up steps.
+schedule) back to back, as train.py runs them (the host queues work ahead; one
+synchronization at the end), then the parts of a step on their own (sampling +
+Gaussians, IPE, MLP forward and backward, compositing; medians, synchronized
+around each), renders one full frame and one grid_size^3 density grid, and
+prints one table, after warm-up steps. Under torchrun every process trains
+(DistributedDataParallel) and rank 0 alone prints, with rays/s summed over the
+processes.
+
+    torchrun --standalone --nproc_per_node=2 scripts/benchmark.py --variants bf16+compile
 """
 
 import os
@@ -45,6 +50,18 @@ def timed(fn, device, steps, warmup):
         synchronize(device)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def back_to_back(fn, device, steps, warmup):
+    """Seconds per call of fn() over `steps` calls in a row after `warmup` calls, synchronized once."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t) / steps
 
 
 def synthetic_scene(n, size, focal_frac=1.389):
@@ -112,7 +129,7 @@ def bench_variant(name, args, data, device):
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = timed(step, device, args.steps, args.warmup)
+    step_s = back_to_back(step, device, args.steps, args.warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
 
     frame = data.rays_of_image(0)
@@ -120,7 +137,7 @@ def bench_variant(name, args, data, device):
     if args.model == 'mipnerf360':  # the parts and the density grid below are mip-NeRF's
         return dict(
             name=name,
-            rays_s=cfg.batch_size / step_s,
+            rays_s=cfg.batch_size * ddp.world_size() / step_s,
             ms=step_s * 1e3,
             render_s=render_s,
             grid_s=float('nan'),
@@ -173,7 +190,7 @@ def bench_variant(name, args, data, device):
     )
     return dict(
         name=name,
-        rays_s=cfg.batch_size / step_s,
+        rays_s=cfg.batch_size * ddp.world_size() / step_s,
         ms=step_s * 1e3,
         render_s=render_s,
         grid_s=grid_s,
@@ -295,9 +312,10 @@ def main(argv=None):
             fail(f'--base_dir {args.base_dir}: {e}')
     else:
         data = synthetic_scene(8 if args.quick else 100, args.image_size)
-    print(
+    say = print if ddp.is_main() else lambda *a, **k: None  # under torchrun, rank 0 speaks for all
+    say(
         f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}'
-        + (f' (DDP, {ddp.world_size()} process)' if ddp.launched() else '')
+        + (f' (DDP, {ddp.world_size()} processes; rays/s summed over them)' if ddp.launched() else '')
         + ', '
         f'torch {torch.__version__}, batch {args.batch_size}, 2 x {args.num_samples} samples, '
         f'width {args.net_width}, data {args.base_dir or "synthetic"}',
@@ -307,19 +325,17 @@ def main(argv=None):
     for name in variants:
         rows.append(bench_variant(name, args, data, device))
         r = rows[-1]
-        print(
+        say(
             f'  {name}: {r["rays_s"]:,.0f} rays/s; parts (ms) '
             + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()),
             flush=True,
         )
     h, w = rows[0]['frame']
-    print(f'\n| variant | rays/s | ms/step | render s/frame ({w}x{h}) | mesh grid s ({args.grid_size}^3) | peak GB |')
-    print('|---|---:|---:|---:|---:|---:|')
+    say(f'\n| variant | rays/s | ms/step | render s/frame ({w}x{h}) | mesh grid s ({args.grid_size}^3) | peak GB |')
+    say('|---|---:|---:|---:|---:|---:|')
     for r in rows:
         peak = '-' if np.isnan(r['peak_gb']) else f'{r["peak_gb"]:.2f}'
-        print(
-            f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {r["render_s"]:.2f} | {r["grid_s"]:.2f} | {peak} |'
-        )
+        say(f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {r["render_s"]:.2f} | {r["grid_s"]:.2f} | {peak} |')
 
 
 if __name__ == '__main__':
