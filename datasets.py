@@ -638,7 +638,10 @@ def load_360(base_dir, split, factor=4, white_bkgd=False, near=0.2, far=1e6, llf
 # ----------------------------------------------------------------------------
 # Captures: the instant-ngp / nerfstudio transforms.json (a phone or camera capture posed by COLMAP).
 
-CAPTURE_FIX = 'fix transforms.json or re-make it (instant-ngp colmap2nerf.py, nerfstudio ns-process-data)'
+CAPTURE_FIX = (
+    'fix transforms.json or re-make it (scripts/process_capture.py; or instant-ngp colmap2nerf.py, '
+    'nerfstudio ns-process-data)'
+)
 CAPTURE_MODELS = ('OPENCV', 'PINHOLE', 'SIMPLE_PINHOLE')  # nerfstudio's camera_model values this loader reads
 CAPTURE_DISTORTION = ('k1', 'k2', 'p1', 'p2', 'k3')  # OpenCV's order
 
