@@ -70,6 +70,7 @@ def run(cfg, signals):
 
 def loop(state, signals):
     """The training loop with its cadences; returns the exit code (train_utils.finish)."""
+    import torch
     from tqdm import tqdm
 
     import ddp
@@ -84,23 +85,18 @@ def loop(state, signals):
         out_of_time = main and cfg.max_minutes > 0 and state.train_seconds() > 60 * cfg.max_minutes
         signalled, out_of_time = ddp.any_rank([signals.signum is not None, out_of_time], state.device)
         if state.step >= cfg.max_steps or signalled or out_of_time:
-            bar.update(tu.settle(state, state.pending))  # the last step may not count
-            state.pending = None
-            if state.step >= cfg.max_steps or signalled or out_of_time:
-                break
+            bar.update(tu.settle(state))  # the last step's flag, before finish saves
+            break
         loss, psnrs, grad_norm, finite = tu.train_step(
             state.net, state.optimizer, state.schedule, state.sampler, cfg, state.step
         )
         state.step += 1  # counted now, taken back by settle if it was not finite
         bar.update(1)
-        ok = finite.to(psnrs.dtype)
-        state.window[1:] = [state.window[1] + ok * psnrs[-1].nan_to_num(), state.window[2] + 1]  # no host sync
+        state.window[1:] = [state.window[1] + torch.where(finite, psnrs[-1], 0.0), state.window[2] + 1]  # no sync
         # The step before is done or nearly: read its flag while the device works on this one.
-        previous, state.pending = state.pending, finite
-        bar.update(tu.settle(state, previous))
+        bar.update(tu.settle(state, then=finite))
         if due(cfg, state.step):  # what follows reads the step count: this step's flag first
-            bar.update(tu.settle(state, state.pending))
-            state.pending = None
+            bar.update(tu.settle(state))
         step = state.step
         if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
             tu.log_scalars(state, loss, psnrs, grad_norm, bar)

@@ -55,7 +55,7 @@ class TrainState:
     step: int = 0
     initial: dict = None  # the state at the start, for a rollback before any checkpoint
     nonfinite: int = 0  # non-finite steps in a row
-    pending: torch.Tensor = None  # the last step's `finite`, not read yet
+    pending: torch.Tensor = None  # the last launched step's `finite`, not read yet (`settle`)
     rollbacks: int = 0  # reloads after non-finite steps
     saved_at: int = None  # the step of the last checkpoint this run wrote
     evaluated_at: int = None
@@ -325,11 +325,13 @@ def clip_gradients(model, max_norm):
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def settle(state, finite):
-    """Book a launched step's `finite` flag, read while the device runs the next step (or, before
-    anything that reads the step count, at once). A non-finite step was skipped on the device: it
-    does not count, and after --max_nonfinite in a row the run rolls back (`recover`). Returns the
-    change in the step count: 0 for a finite step (or None: nothing pending)."""
+def settle(state, then=None):
+    """Book the pending step's `finite` flag and make `then` (the step just launched, or None) the
+    pending one. Called while the device runs the next step, or at once before anything that reads
+    the step count. A non-finite step was skipped on the device: it does not count, and after
+    --max_nonfinite in a row the run rolls back (`recover`, which also drops `then`: it was launched
+    from the parameters that the rollback replaces). Returns the change in the step count."""
+    finite, state.pending = state.pending, then
     if finite is None:
         return 0
     if bool(finite):
@@ -342,7 +344,7 @@ def settle(state, finite):
         tqdm.write(f'step {state.step}: non-finite loss or gradient; step skipped ({state.nonfinite} in a row)')
     if state.nonfinite < state.cfg.max_nonfinite:
         return -1
-    state.pending = None  # launched from the parameters that the rollback replaces
+    state.pending = None
     return recover(state) - 1
 
 

@@ -31,20 +31,30 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_one():
     assert tests in ci.splitlines()
 
 
-def project_imports(path):
-    """The project modules a file imports, anywhere in it (also inside functions)."""
+def imports(path):
+    """The top-level names of the modules a file imports, anywhere in it (also inside functions)."""
     names = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):
             names |= {a.name.split('.')[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split('.')[0])
-    return names & PROJECT
+    return names
+
+
+def project_imports(path):
+    """The project modules a file imports."""
+    return imports(path) & PROJECT
+
+
+def python_files():
+    """The top-level modules and scripts/."""
+    return glob.glob(os.path.join(REPO, '*.py')) + glob.glob(os.path.join(REPO, 'scripts', '*.py'))
 
 
 def test_no_module_imports_an_entry_script():
     """Library modules never import an entry script; entry scripts never import each other."""
-    files = glob.glob(os.path.join(REPO, '*.py')) + glob.glob(os.path.join(REPO, 'scripts', '*.py'))
+    files = python_files()
     assert len(files) > 15
     for path in files:
         me = os.path.splitext(os.path.basename(path))[0]
@@ -54,14 +64,7 @@ def test_no_module_imports_an_entry_script():
 
 def test_only_the_capture_script_imports_pycolmap():
     """pycolmap is optional: training, rendering and every library module run without it."""
-    files = glob.glob(os.path.join(REPO, '*.py')) + glob.glob(os.path.join(REPO, 'scripts', '*.py'))
-    users = set()
-    for path in files:
-        for node in ast.walk(ast.parse(open(path).read())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            if any(n.split('.')[0] == 'pycolmap' for n in names):
-                users.add(os.path.relpath(path, REPO))
+    users = {os.path.relpath(path, REPO) for path in python_files() if 'pycolmap' in imports(path)}
     assert users == {os.path.join('scripts', 'process_capture.py')}
 
 
