@@ -122,8 +122,8 @@ class Renderer(nn.Module):
         """Render the fine level of a whole image, deterministically, in chunks.
 
         Args:
-          rays: `Rays` of `[H, W, C]` tensors (any device: chunks are moved to
-            the model's device).
+          rays: `Rays` of `[H, W, C]` tensors (any device: moved to the model's
+            device at once, so that no chunk waits on a copy from the host).
           normals: also render composited normals (see `forward`).
 
         Returns:
@@ -135,12 +135,11 @@ class Renderer(nn.Module):
         try:
             device = next(self.parameters()).device
             shape = rays.origins.shape[:-1]
-            flat = ray_utils.namedtuple_map(lambda r: r.reshape(-1, r.shape[-1]), rays)
+            flat = ray_utils.namedtuple_map(lambda r: r.reshape(-1, r.shape[-1]).to(device), rays)
             outs = []
             for i in range(0, flat.origins.shape[0], chunk):
                 part = slice(i, i + chunk)
-                chunk_rays = ray_utils.namedtuple_map(lambda r, part=part: r[part].to(device), flat)
-                outs.append(self(chunk_rays, normals=normals)[-1])
+                outs.append(self(ray_utils.namedtuple_map(lambda r, part=part: r[part], flat), normals=normals)[-1])
             return tuple(torch.cat(o, 0).reshape(shape + o[0].shape[1:]) for o in zip(*outs))
         finally:
             self.train(was_training)
