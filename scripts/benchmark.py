@@ -133,18 +133,21 @@ def bench_variant(name, args, data, device):
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
 
     frame = data.rays_of_image(0)
-    render_s = timed(lambda: model.render_image(frame, args.chunk), device, 1, 1)
+    row = dict(
+        name=name,
+        rays_s=cfg.batch_size * ddp.world_size() / step_s,
+        ms=step_s * 1e3,
+        render_s=float('nan'),
+        grid_s=float('nan'),
+        peak_gb=peak,
+        parts={},
+        frame=tuple(frame.origins.shape[:2]),
+    )
+    if args.train_only:  # a scaling run: the step alone
+        return row
+    row['render_s'] = timed(lambda: model.render_image(frame, args.chunk), device, 1, 1)
     if args.model == 'mipnerf360':  # the parts and the density grid below are mip-NeRF's
-        return dict(
-            name=name,
-            rays_s=cfg.batch_size * ddp.world_size() / step_s,
-            ms=step_s * 1e3,
-            render_s=render_s,
-            grid_s=float('nan'),
-            peak_gb=peak,
-            parts={},
-            frame=tuple(frame.origins.shape[:2]),
-        )
+        return row
 
     # Parts of a step, each on its own (forward and backward where there is one).
     a = model.args
@@ -185,19 +188,11 @@ def bench_variant(name, args, data, device):
     # One density grid.
     density_fn, _ = meshing.model_fns(model.eval(), 3.0 / (args.grid_size - 1))
     lo, hi = np.full(3, -1.5), np.full(3, 1.5)
-    grid_s = timed(
+    row['grid_s'] = timed(
         lambda: meshing.density_grid(density_fn, lo, hi, args.grid_size, 1 << 20, device, progress=False), device, 1, 1
     )
-    return dict(
-        name=name,
-        rays_s=cfg.batch_size * ddp.world_size() / step_s,
-        ms=step_s * 1e3,
-        render_s=render_s,
-        grid_s=grid_s,
-        peak_gb=peak,
-        parts={k: v * 1e3 for k, v in parts.items()},
-        frame=tuple(frame.origins.shape[:2]),
-    )
+    row['parts'] = {k: v * 1e3 for k, v in parts.items()}
+    return row
 
 
 # Size flags: (default, default with --quick, help). Flags given explicitly win over --quick.
@@ -249,6 +244,11 @@ def build_parser():
             metavar='N',
             help=f'{text} (default: {full}; {quick} with --quick)' if full != quick else f'{text} (default: {full})',
         )
+    ap.add_argument(
+        '--train_only',
+        action='store_true',
+        help='time the training step alone (no parts, frame or density grid): scaling runs under torchrun',
+    )
     ap.add_argument(
         '--quick',
         action='store_true',
@@ -334,8 +334,8 @@ def main(argv=None):
     say(f'\n| variant | rays/s | ms/step | render s/frame ({w}x{h}) | mesh grid s ({args.grid_size}^3) | peak GB |')
     say('|---|---:|---:|---:|---:|---:|')
     for r in rows:
-        peak = '-' if np.isnan(r['peak_gb']) else f'{r["peak_gb"]:.2f}'
-        say(f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {r["render_s"]:.2f} | {r["grid_s"]:.2f} | {peak} |')
+        peak, render, grid = ('-' if np.isnan(r[k]) else f'{r[k]:.2f}' for k in ('peak_gb', 'render_s', 'grid_s'))
+        say(f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {render} | {grid} | {peak} |')
 
 
 if __name__ == '__main__':

@@ -139,11 +139,14 @@ def test_eval_video_and_mesh_split_across_two_processes_match_one(demo_run, tmp_
 
 
 def test_benchmark_under_torchrun_prints_one_table_of_global_rays_per_second():
-    """Rank 0 alone prints; rays/s is the batch of every process over the step time."""
+    """Rank 0 alone prints; rays/s is the batch of every process over the step time; --train_only
+    (a scaling run) times the step alone."""
     bench = [os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick', '--device', 'cpu', '--variants', 'fp32']
+    bench += ['--train_only']
     res = subprocess.run(TORCHRUN + bench + ['--steps', '2'], capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count('device: cpu (DDP, 2 processes') == 1 and res.stdout.count('| fp32 |') == 1
     row = next(line for line in res.stdout.splitlines() if line.startswith('| fp32 |'))
     rays_s, ms = (float(v.replace(',', '')) for v in row.split('|')[2:4])
+    assert [v.strip() for v in row.split('|')[4:6]] == ['-', '-']  # no frame, no density grid
     assert abs(rays_s - 2 * 256 / (ms / 1e3)) < 0.01 * rays_s  # 2 processes x 256 rays per step
