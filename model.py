@@ -114,8 +114,38 @@ class MLP(nn.Module):
 
 
 class Renderer(nn.Module):
-    """What every model here shares: rendering whole images in chunks. A subclass's
-    `forward(rays, normals)` returns its levels' (rgb, distance, acc[, normals]), the last one finest."""
+    """What every model here shares: rendering whole images in chunks, the MLP's output activations
+    and surface normals. A subclass's `forward(rays, normals)` returns its levels' (rgb, distance,
+    acc[, normals]), the last one finest; its `args` hold density_noise, density_bias, rgb_padding."""
+
+    def activate(self, mlp, x, cond, randomized):
+        """Colour `[..., S, 3]` (None for an MLP without a colour head) and density `[..., S]` of
+        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`; its outputs
+        float32), density noise in randomized training, softplus(raw + density_bias), and a
+        sigmoid widened by rgb_padding, as the official releases."""
+        a = self.args
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+            raw_rgb, raw_density = mlp(x, cond)
+        raw_density = raw_density.float()
+        if randomized and a.density_noise > 0:
+            raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
+        density = F.softplus(raw_density + a.density_bias)
+        if raw_rgb is None:
+            return None, density
+        return torch.sigmoid(raw_rgb.float()) * (1 + 2 * a.rgb_padding) - a.rgb_padding, density
+
+    @staticmethod
+    def with_normals(query, mean, *args):
+        """`query(mean, *args)` -> (rgb, density `[..., S]`) with the surface normals of the density.
+
+        Returns rgb, density (detached) and normals `[..., S, 3]`: the normalized negative
+        gradient of the density with respect to the Gaussians' means `[..., S, 3]`.
+        """
+        with torch.enable_grad():
+            mean = mean.detach().requires_grad_(True)
+            rgb, density = query(mean, *args)
+            (grad,) = torch.autograd.grad(density.sum(), mean)
+        return rgb, density.detach(), -grad / torch.linalg.norm(grad, dim=-1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def render_image(self, rays, chunk=8192, normals=False):
@@ -218,18 +248,15 @@ class MipNeRF(Renderer):
                     a.stop_level_grad,
                 )
             want_normals = normals and level == a.num_levels - 1
-            with torch.enable_grad() if want_normals else contextlib.nullcontext():
-                if want_normals:
-                    mean = mean.detach().requires_grad_(True)
+            if want_normals:
+                rgb, density, n = self.with_normals(self.query, mean, cov, view_enc, randomized)
+            else:
                 rgb, density = self.query(mean, cov, view_enc, randomized)
-                if want_normals:
-                    (grad,) = torch.autograd.grad(density.sum(), mean)
             comp_rgb, distance, acc, weights = ray_utils.volumetric_rendering(
-                rgb, density.detach() if want_normals else density, t_vals, rays.directions, a.white_bkgd
+                rgb, density, t_vals, rays.directions, a.white_bkgd
             )
             out = (comp_rgb, distance, acc)
             if want_normals:
-                n = -grad / torch.linalg.norm(grad, dim=-1, keepdim=True).clamp_min(1e-12)
                 out = out + ((weights[..., None] * n).sum(-2),)
             yield out
 
@@ -239,13 +266,4 @@ class MipNeRF(Renderer):
         if a.disable_integration:
             cov = torch.zeros_like(cov)
         x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
-        if self.bf16:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                raw_rgb, raw_density = self.mlp(x, view_enc)
-            raw_rgb, raw_density = raw_rgb.float(), raw_density.float()
-        else:
-            raw_rgb, raw_density = self.mlp(x, view_enc)
-        if randomized and a.density_noise > 0:
-            raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
-        rgb = torch.sigmoid(raw_rgb) * (1 + 2 * a.rgb_padding) - a.rgb_padding
-        return rgb, F.softplus(raw_density + a.density_bias)
+        return self.activate(self.mlp, x, view_enc, randomized)

@@ -14,10 +14,7 @@ final colour, the interlevel loss between each proposal histogram and the final 
 distortion loss of the final one (Eq. 15); no gradient flows between levels.
 """
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 
 import ray_utils
 import stepfun
@@ -68,21 +65,13 @@ class MipNeRF360(Renderer):
             init=a.init,
         )
 
-    def query(self, mlp, mean, cov, view_enc, randomized):
+    def query(self, mean, cov, mlp, view_enc, randomized):
         """Colour `[..., S, 3]` (None for a proposal MLP) and density `[..., S]` of Gaussians
         (mean `[..., S, 3]`, covariance `[..., S, 3, 3]`), contracted, lifted onto the basis, IPE'd."""
         a = self.args
         mean, cov = ray_utils.track_linearize(ray_utils.contract, mean, cov)
         x = ray_utils.integrated_pos_enc_basis(mean, cov, self.basis, a.min_deg_point, a.max_deg_point)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
-            raw_rgb, raw_density = mlp(x, view_enc)
-        raw_density = raw_density.float()
-        if randomized and a.density_noise > 0:
-            raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)
-        density = F.softplus(raw_density + a.density_bias)
-        if raw_rgb is None:
-            return None, density
-        return torch.sigmoid(raw_rgb.float()) * (1 + 2 * a.rgb_padding) - a.rgb_padding, density
+        return self.activate(mlp, x, view_enc, randomized)
 
     def forward(self, rays, normals=False, train_frac=1.0, history=False):
         """Render a batch of rays through every level.
@@ -138,22 +127,17 @@ class MipNeRF360(Renderer):
             mean, cov = ray_utils.cast_rays(tdist, rays.origins, rays.directions, rays.radii, a.ray_shape, diag=False)
             if a.disable_integration:
                 cov = torch.zeros_like(cov)
+            mlp, cond = (self.prop_mlp, None) if is_prop else (self.mlp, view_enc)
             want_normals = normals and not is_prop
-            with torch.enable_grad() if want_normals else contextlib.nullcontext():
-                if want_normals:
-                    mean = mean.detach().requires_grad_(True)
-                rgb, density = self.query(
-                    self.prop_mlp if is_prop else self.mlp, mean, cov, None if is_prop else view_enc, randomized
-                )
-                if want_normals:
-                    (grad,) = torch.autograd.grad(density.sum(), mean)
-                    density = density.detach()
+            if want_normals:
+                rgb, density, n = self.with_normals(self.query, mean, cov, mlp, cond, randomized)
+            else:
+                rgb, density = self.query(mean, cov, mlp, cond, randomized)
             weights = ray_utils.compute_alpha_weights(density, tdist, rays.directions, a.opaque_background)
             if rgb is None:
                 rgb = torch.zeros_like(mean)
             out = composite(rgb, weights, tdist, bg)
             if want_normals:
-                n = -grad / torch.linalg.norm(grad, dim=-1, keepdim=True).clamp_min(1e-12)
                 out = out + ((weights[..., None] * n).sum(-2),)
             levels.append(out)
             ray_history.append((sdist, weights))
