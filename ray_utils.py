@@ -21,6 +21,8 @@ from collections import namedtuple
 
 import torch
 
+import stepfun
+
 Rays = namedtuple('Rays', ('origins', 'directions', 'viewdirs', 'radii', 'lossmult', 'near', 'far'))
 Rays.__doc__ = """A bundle of rays; every field has the same leading shape `[...]`.
 
@@ -300,17 +302,8 @@ def sorted_piecewise_constant_pdf(bins, weights, num_samples, randomized, genera
     padding = torch.clamp_min(eps - weight_sum, 0)
     weights = weights + padding / weights.shape[-1]
     weight_sum = weight_sum + padding
-    pdf = weights / weight_sum
-    cdf = torch.clamp_max(torch.cumsum(pdf[..., :-1], dim=-1), 1)
+    cdf = stepfun.integrate_weights(weights / weight_sum)
     batch = cdf.shape[:-1]
-    cdf = torch.cat(
-        [
-            torch.zeros(batch + (1,), dtype=cdf.dtype, device=cdf.device),
-            cdf,
-            torch.ones(batch + (1,), dtype=cdf.dtype, device=cdf.device),
-        ],
-        dim=-1,
-    )
 
     float_eps = torch.finfo(torch.float32).eps
     if randomized:
