@@ -61,6 +61,24 @@ def set_precision(model, precision, compile=False):
     return model
 
 
+def _probe(x):
+    return x * 2 + 1
+
+
+def compile_problem(device):
+    """Why torch.compile cannot run on `device` on this machine, as one line, or None.
+
+    It compiles and runs a tiny function there: the compiled MLP needs a working C++ compiler
+    on CPUs and Triton (on a GPU it supports) on CUDA, which a machine may lack.
+    """
+    try:
+        torch.compile(_probe, dynamic=False)(torch.ones(4, device=device))
+    except Exception as e:  # any failure of the tool chain, reported in one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f'{type(e).__name__}: {lines[0] if lines else "no message"}'[:300]
+    return None
+
+
 def build_optimizer(model, cfg):
     """Adam with the config's betas and epsilon (multinerf's 360 configs: eps 1e-6; mip-NeRF: 1e-8),
     fused: `train_utils.train_step` skips a non-finite step on the device through its `found_inf`."""

@@ -145,6 +145,12 @@ def _setup(cfg, device):
                 f'note: --lr_delay_steps {cfg.lr_delay_steps} >= --max_steps {cfg.max_steps}: the warm-up spans '
                 f'the whole run (the rate starts at {cfg.lr_delay_mult:g} x lr_init); scale it down for short runs'
             )
+    if cfg.compile:
+        problem = runs.compile_problem(device)
+        if problem:
+            if main:
+                print(f'--compile: torch.compile cannot run on {device} here ({problem}); training the plain MLP')
+            cfg.compile = False
     ddp.barrier()
     train_data = datasets.dataset_from_config(cfg, 'train')
     model = runs.build_model(cfg).to(device)

@@ -112,6 +112,9 @@ def bench_variant(name, args, data, device):
     from scheduler import Schedule
 
     precision, *extras = name.split('+')
+    problem = 'compile' in extras and runs.compile_problem(device)
+    if problem:
+        fail(f'--variants {args.variants}: torch.compile cannot run on {device} here ({problem}); drop +compile')
     cfg = make_cfg(args, precision, 'compile' in extras)
     torch.manual_seed(0)
     model = runs.build_model(cfg).to(device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import ModelArgs
-from conftest import REPO, needs_cuda
+from conftest import REPO, demo_run_args, needs_cuda
 from model import MipNeRF
 from runs import set_precision
 from test_model import make_rays
@@ -101,3 +101,26 @@ def test_benchmark_smoke():
     lines = res.stdout.splitlines()
     assert lines[-3].startswith('| variant | rays/s | ms/step | render s/frame')
     assert lines[-1].startswith('| fp32 |')
+
+
+def test_compile_without_its_tool_chain_falls_back_to_the_plain_mlp_with_one_line(tiny_demo, tmp_path):
+    """A machine that cannot torch.compile (here: no C++ compiler for inductor's CPU code): train.py
+    --compile says so in one line and trains the plain MLP; benchmark.py refuses a +compile variant
+    in one line. A fresh inductor cache, so that nothing compiled earlier hides the missing compiler."""
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-c++'), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / 'cache'))
+    args = demo_run_args(tiny_demo, tmp_path / 'run', '--compile', 'true', '--max_steps', '2', '--eval_every', '0')
+    res = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'train.py'), *args, '--render_every', '0'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+    said = [line for line in res.stdout.splitlines() if line.startswith('--compile:')]
+    assert len(said) == 1 and 'C++ compiler' in said[0] and said[0].endswith('training the plain MLP'), said
+    assert 'done: 2 steps' in res.stdout
+    bench = [os.path.join(REPO, 'scripts', 'benchmark.py'), '--quick', '--device', 'cpu', '--variants', 'fp32+compile']
+    res = subprocess.run([sys.executable, *bench], env=env, capture_output=True, text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and 'drop +compile' in lines[0], res.stderr[-2000:]
