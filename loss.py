@@ -16,6 +16,12 @@ def mse_to_psnr(mse):
     return -10.0 * math.log10(mse)
 
 
+def weighted_mean(values, lossmult):
+    """sum(lossmult * values) / sum(lossmult), lossmult `[..., 1]` broadcast over values `[..., C]`."""
+    lossmult = torch.broadcast_to(lossmult, values.shape)
+    return (lossmult * values).sum() / lossmult.sum()
+
+
 def weighted_mse(rgb, target, lossmult):
     """sum(lossmult * (rgb - target)^2) / sum(lossmult * 3), as the official release.
 
@@ -23,8 +29,7 @@ def weighted_mse(rgb, target, lossmult):
       rgb, target: `[..., 3]`; lossmult: `[..., 1]` per-ray weights (the pixel
         area ratio for multiscale data, ones otherwise).
     """
-    lossmult = torch.broadcast_to(lossmult, rgb.shape)
-    return (lossmult * (rgb - target) ** 2).sum() / lossmult.sum()
+    return weighted_mean((rgb - target) ** 2, lossmult)
 
 
 def mipnerf_loss(levels, target, lossmult, coarse_loss_mult=0.1):

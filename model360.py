@@ -18,7 +18,7 @@ import torch
 
 import ray_utils
 import stepfun
-from loss import weighted_mse
+from loss import weighted_mean
 from model import MLP, Renderer
 
 
@@ -152,10 +152,9 @@ def loss360(levels, ray_history, target, lossmult, charb_padding, interlevel_mul
 
     Returns (loss, final level's MSE) (scalars).
     """
-    rgb = levels[-1][0]
-    mse = weighted_mse(rgb, target, lossmult)
-    lossmult = torch.broadcast_to(lossmult, rgb.shape)
-    data = (lossmult * torch.sqrt((rgb - target) ** 2 + charb_padding**2)).sum() / lossmult.sum()
+    resid_sq = (levels[-1][0] - target) ** 2
+    mse = weighted_mean(resid_sq, lossmult)
+    data = weighted_mean(torch.sqrt(resid_sq + charb_padding**2), lossmult)
     c, w = ray_history[-1]
     interlevel = sum(stepfun.lossfun_outer(c.detach(), w.detach(), cp, wp).mean() for cp, wp in ray_history[:-1])
     distortion = stepfun.lossfun_distortion(c, w).mean()

@@ -322,12 +322,13 @@ def clip_gradients(model, max_norm):
     proposal MLP's, shrink the proposal's far below Adam's epsilon. Returns the norm of the whole
     gradient before clipping.
     """
-    bound = max_norm if max_norm > 0 else float('inf')
-    norms = [
-        torch.nn.utils.clip_grad_norm_(params, bound)
-        for params in ([p for p in mlp.parameters() if p.grad is not None] for mlp in model.children())
-        if params
-    ]
+    norms = []
+    for mlp in model.children():
+        params = [p for p in mlp.parameters() if p.grad is not None]
+        if params:  # no clip asked (the mip-NeRF default): the norm alone, no pass over the gradients
+            norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[-1])
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

@@ -62,6 +62,10 @@ TINY_NET = (
 ).split()
 
 
+# The mip-NeRF 360 network made tiny (configs/360.txt's structure: proposal rounds, bottleneck).
+TINY_360 = '--bottleneck_width 16 --prop_net_depth 2 --prop_net_width 16 --num_prop_samples 16'.split()
+
+
 def demo_run_args(scene, log_dir, *extra, dataset='demo'):
     """train.py's flags for a tiny, fast run on the CPU on a demo-style scene (its near and far, a
     high learning rate, TINY_NET); `extra` flags come last, so they win."""

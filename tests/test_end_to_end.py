@@ -11,7 +11,7 @@ import extract_mesh
 import scenes
 import train
 import visualize
-from conftest import FERN, TINY_NET, needs_fern
+from conftest import FERN, TINY_360, TINY_NET, needs_fern
 
 
 def run(config, base_dir, log_dir, *extra, eval_every=60):
@@ -69,10 +69,6 @@ def test_llff_config_on_fern(tmp_path):
 
 def test_multicam_config_on_converted_lego(lego_multicam, tmp_path):
     run('multicam.txt', lego_multicam, tmp_path / 'run', eval_every=0)  # training only; per-scale table: test_outputs
-
-
-# The mip-NeRF 360 network made tiny (configs/360.txt's structure: proposal rounds, bottleneck).
-TINY_360 = '--bottleneck_width 16 --prop_net_depth 2 --prop_net_width 16 --num_prop_samples 16'.split()
 
 
 @pytest.fixture(scope='module')

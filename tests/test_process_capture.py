@@ -23,7 +23,7 @@ import pose_utils
 import scenes
 import train
 import visualize
-from conftest import FERN, REPO, SHARED, TINY_NET, needs_fern
+from conftest import FERN, REPO, SHARED, TINY_360, TINY_NET, needs_fern
 from scripts import process_capture as pc
 
 SCRIPT = os.path.join(REPO, 'scripts', 'process_capture.py')
@@ -33,8 +33,6 @@ NO_FOX = (
     'captures/fox (default ../shared/data)'
 )
 NO_PYCOLMAP = 'pycolmap is not installed: pip install -r requirements-capture.txt'
-# configs/360.txt's network made tiny (as test_end_to_end).
-TINY_360 = '--bottleneck_width 16 --prop_net_depth 2 --prop_net_width 16 --num_prop_samples 16'.split()
 
 
 @pytest.fixture(scope='module')
