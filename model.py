@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fused_mlp
 import ray_utils
 
 
@@ -120,12 +121,16 @@ class Renderer(nn.Module):
 
     def activate(self, mlp, x, cond, randomized):
         """Colour `[..., S, 3]` (None for an MLP without a colour head) and density `[..., S]` of
-        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`; its outputs
-        float32), density noise in randomized training, softplus(raw + density_bias), and a
-        sigmoid widened by rgb_padding, as the official releases."""
+        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`; where no gradient
+        is taken and `fused_mlp.usable`, as one fused kernel; its outputs float32), density noise in
+        randomized training, softplus(raw + density_bias), and a sigmoid widened by rgb_padding, as
+        the official releases."""
         a = self.args
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
-            raw_rgb, raw_density = mlp(x, cond)
+        if self.bf16 and not torch.is_grad_enabled() and fused_mlp.usable(mlp, x.device):
+            raw_rgb, raw_density = fused_mlp.forward(mlp, x, cond)  # the same function, one kernel (Hopper)
+        else:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+                raw_rgb, raw_density = mlp(x, cond)
         raw_density = raw_density.float()
         if randomized and a.density_noise > 0:
             raw_density = raw_density + a.density_noise * torch.randn_like(raw_density)

@@ -68,8 +68,10 @@ def test_only_the_capture_script_imports_pycolmap():
     assert users == {os.path.join('scripts', 'process_capture.py')}
 
 
-def test_model_imports_nothing_of_the_project_but_ray_utils():
-    assert project_imports(os.path.join(REPO, 'model.py')) == {'ray_utils'}
+def test_model_imports_nothing_of_the_project_but_ray_utils_and_its_kernel():
+    assert project_imports(os.path.join(REPO, 'model.py')) == {'ray_utils', 'fused_mlp'}
+    assert project_imports(os.path.join(REPO, 'fused_mlp.py')) == {'model', 'fused_kernels'}  # both lazily
+    assert project_imports(os.path.join(REPO, 'fused_kernels.py')) == {'fused_mlp'}
 
 
 @pytest.mark.parametrize('script', sorted(ENTRY_SCRIPTS))
