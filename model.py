@@ -119,15 +119,20 @@ class Renderer(nn.Module):
     and surface normals. A subclass's `forward(rays, normals)` returns its levels' (rgb, distance,
     acc[, normals]), the last one finest; its `args` hold density_noise, density_bias, rgb_padding."""
 
+    def fused(self, mlp, inputs):
+        """Whether `mlp` runs as `fused_mlp`'s kernels on these inputs: bf16, no gradient wanted for the
+        inputs (the normals want one), and `fused_mlp.usable` on their device."""
+        return self.bf16 and not inputs.requires_grad and fused_mlp.usable(mlp, inputs.device)
+
     def activate(self, mlp, x, cond, randomized):
         """Colour `[..., S, 3]` (None for an MLP without a colour head) and density `[..., S]` of
-        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`; where no gradient
-        is taken and `fused_mlp.usable`, as one fused kernel; its outputs float32), density noise in
+        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`; where `self.fused`,
+        as `fused_mlp`'s kernels; its outputs float32), density noise in
         randomized training, softplus(raw + density_bias), and a sigmoid widened by rgb_padding, as
         the official releases."""
         a = self.args
-        if self.bf16 and not torch.is_grad_enabled() and fused_mlp.usable(mlp, x.device):
-            raw_rgb, raw_density = fused_mlp.forward(mlp, x, cond)  # the same function, one kernel (Hopper)
+        if self.fused(mlp, x):
+            raw_rgb, raw_density = fused_mlp.forward(mlp, x, cond)  # the same function in one kernel each way
         else:
             with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
                 raw_rgb, raw_density = mlp(x, cond)
@@ -265,10 +270,15 @@ class MipNeRF(Renderer):
                 out = out + ((weights[..., None] * n).sum(-2),)
             yield out
 
-    def query(self, mean, cov, view_enc, randomized=False):
-        """Colour `[..., S, 3]` and density `[..., S]` of Gaussians (mean, cov_diag `[..., S, 3]`)."""
+    def features(self, mean, cov):
+        """The MLP's input `[..., S, 96]` for Gaussians (mean, cov_diag `[..., S, 3]`): their integrated
+        positional encoding (bf16 from one kernel where `self.fused`)."""
         a = self.args
         if a.disable_integration:
             cov = torch.zeros_like(cov)
-        x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
-        return self.activate(self.mlp, x, view_enc, randomized)
+        ipe = fused_mlp.integrated_pos_enc if self.fused(self.mlp, mean) else ray_utils.integrated_pos_enc
+        return ipe(mean, cov, a.min_deg_point, a.max_deg_point)
+
+    def query(self, mean, cov, view_enc, randomized=False):
+        """Colour `[..., S, 3]` and density `[..., S]` of Gaussians (mean, cov_diag `[..., S, 3]`)."""
+        return self.activate(self.mlp, self.features(mean, cov), view_enc, randomized)

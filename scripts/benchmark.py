@@ -105,10 +105,12 @@ def make_cfg(args, precision, compile):
 def bench_variant(name, args, data, device):
     import datasets
     import ddp
+    import fused_mlp
     import meshing
     import ray_utils
     import runs
     import train_utils
+    from model import MLP
     from scheduler import Schedule
 
     precision, *extras = name.split('+')
@@ -118,6 +120,8 @@ def bench_variant(name, args, data, device):
     cfg = make_cfg(args, precision, 'compile' in extras)
     torch.manual_seed(0)
     model = runs.build_model(cfg).to(device)
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    fused = model.bf16 and any(fused_mlp.usable(m, device) for m in mlps)  # (says in one line why not, if not)
     net = model
     if ddp.launched():  # the DDP path, as train.py takes it under torchrun
         net = torch.nn.parallel.DistributedDataParallel(
@@ -144,6 +148,7 @@ def bench_variant(name, args, data, device):
         grid_s=float('nan'),
         peak_gb=peak,
         parts={},
+        mlp='fused kernels' if fused else 'torch' + (', compiled' if cfg.compile else ''),
         frame=tuple(frame.origins.shape[:2]),
     )
     if args.train_only:  # a scaling run: the step alone
@@ -167,19 +172,13 @@ def bench_variant(name, args, data, device):
     t_vals, (mean, cov) = ray_utils.sample_along_rays(
         rays.origins, rays.directions, rays.radii, a.num_samples, rays.near, rays.far, True, False, 'cone'
     )
-    parts['ipe'] = timed(
-        lambda: ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point), device, args.steps, 2
-    )
-    x = ray_utils.integrated_pos_enc(mean, cov, a.min_deg_point, a.max_deg_point)
+    parts['ipe'] = timed(lambda: model.features(mean, cov), device, args.steps, 2)
+    x = model.features(mean, cov)  # (bf16 from one kernel where the MLP runs fused)
     view = ray_utils.pos_enc(rays.viewdirs, 0, a.deg_view, True)
 
-    def mlp_fwd_bwd():
-        if model.bf16:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                rgb, dens = model.mlp(x, view)
-        else:
-            rgb, dens = model.mlp(x, view)
-        (rgb.float().sum() + dens.float().sum()).backward()
+    def mlp_fwd_bwd():  # the MLP as training runs it: bf16 autocast, torch.compile'd or fused kernels
+        rgb, dens = model.activate(model.mlp, x, view, False)
+        (rgb.sum() + dens.sum()).backward()
 
     parts['mlp fwd+bwd (1 level)'] = timed(mlp_fwd_bwd, device, args.steps, 2)
     rgb = torch.rand(mean.shape, device=device)
@@ -329,7 +328,7 @@ def main(argv=None):
         rows.append(bench_variant(name, args, data, device))
         r = rows[-1]
         say(
-            f'  {name}: {r["rays_s"]:,.0f} rays/s; parts (ms) '
+            f'  {name} (MLP: {r["mlp"]}): {r["rays_s"]:,.0f} rays/s; parts (ms) '
             + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()),
             flush=True,
         )
