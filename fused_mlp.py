@@ -368,8 +368,10 @@ def _device_problem(device):
         x = torch.randn(3, 100, 96, device=device, generator=gen)
         cond = torch.randn(3, 27, device=device, generator=gen)
         d_rgb, d_density = torch.randn(3, 100, 3, device=device), torch.randn(3, 100, device=device)
-        rgb, density = forward(mlp, x, cond)
-        torch.autograd.backward(forward(mlp, x, cond), (d_rgb, d_density))
+        with torch.no_grad():
+            rgb, density = forward(mlp, x, cond)
+        with torch.enable_grad():  # (asked first from inside a renderer's no_grad, say)
+            torch.autograd.backward(forward(mlp, x, cond), (d_rgb, d_density))
         *ref, ref_grads = emulate(mlp, x, cond, d_rgb, d_density)
         err = max((a - b).abs().max().item() / (1 + b.abs().max().item()) for a, b in zip((rgb, density), ref))
         err = max(

@@ -230,3 +230,11 @@ def test_kernels_see_every_optimizer_step():
         with torch.no_grad():
             got, want = fused_mlp.forward(mlp, x, cond), fused_mlp.emulate(mlp, x, cond)
         assert all((a - b).abs().max() <= 2**-6 * b.abs().max() for a, b in zip(got, want))
+
+
+@hopper
+def test_the_probe_passes_when_first_asked_while_rendering(monkeypatch):
+    """eval.py and visualize.py first ask inside the renderer's no_grad; the probe takes a gradient all the same."""
+    monkeypatch.setattr(fused_mlp, '_device_problem', fused_mlp._device_problem.__wrapped__)
+    with torch.no_grad():
+        assert fused_mlp.problem(torch.device('cuda')) is None
