@@ -153,8 +153,8 @@ class _Packer:
         return self.bufs
 
     def __call__(self, params):
-        # Repacked at every call (about 0.1 ms): parameter version counters cannot tell, since the
-        # fused Adam step updates the parameters in place without bumping them.
+        # Repacked at every call (one concatenation and four gathers, 1.2 MB): version counters cannot
+        # tell when to, since the fused Adam step updates the parameters in place without bumping them.
         self.fill(params)
         if self.pk is None:
             import fused_kernels
