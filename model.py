@@ -126,10 +126,9 @@ class Renderer(nn.Module):
 
     def activate(self, mlp, x, cond, randomized):
         """Colour `[..., S, 3]` (None for an MLP without a colour head) and density `[..., S]` of
-        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`; where `self.fused`,
-        as `fused_mlp`'s kernels; its outputs float32), density noise in
-        randomized training, softplus(raw + density_bias), and a sigmoid widened by rgb_padding, as
-        the official releases."""
+        features x `[..., S, C]`: the MLP (under bfloat16 autocast with `self.bf16`, as `fused_mlp`'s
+        kernels where `self.fused`; its outputs float32), density noise in randomized training,
+        softplus(raw + density_bias), and a sigmoid widened by rgb_padding, as the official releases."""
         a = self.args
         if self.fused(mlp, x):
             raw_rgb, raw_density = fused_mlp.forward(mlp, x, cond)  # the same function in one kernel each way
