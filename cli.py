@@ -12,6 +12,7 @@ answer `--help`, before the heavy modules load.
 - `atomic_output`: every file or folder a script writes goes through it (a
   temporary sibling, checked, then renamed into place).
 - `stop_on_signals`: the one SIGINT/SIGTERM handler of all four scripts.
+- `exception_line`: an exception as one line (its type and first line), for "cannot run here" reasons.
 """
 
 import argparse
@@ -69,6 +70,12 @@ class Parser(configargparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------
 # Argument types.
+
+
+def exception_line(e, limit=300):
+    """`Type: first non-empty line of the message`, at most `limit` characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f'{type(e).__name__}: {lines[0] if lines else "no message"}'[:limit]
 
 
 def str2bool(v):

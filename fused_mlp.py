@@ -20,6 +20,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+import cli
+
 BM = 128  # rows per tile
 WIDTH = 256  # trunk width (the wgmma N of the trunk and the bottleneck)
 KC = 64  # K per weight chunk: 64 bf16 = 128 B, one row of the 128-byte swizzle
@@ -178,13 +180,19 @@ def per_ray(pk, cond):
     return F.linear(cond.reshape(-1, cond.shape[-1]).to(torch.bfloat16), pk['wv_c'], pk['bv']).contiguous()
 
 
+def _pieces(rows, split=SPLIT_K):
+    """How many pieces a weight-gradient GEMM cuts its `rows` into: `split` where they divide evenly into
+    pieces of at least 4,096 rows, else 1."""
+    return split if split > 1 and rows % split == 0 and rows >= split * 4096 else 1
+
+
 def _tn(a, b, split=SPLIT_K):
-    """a^T @ b for a `[rows, M]`, b `[rows, K]` bf16 -> float32 `[M, K]`; the long rows in `split` pieces
-    (one batched GEMM, summed in float32) where they divide evenly into pieces of at least 4,096."""
-    rows = a.shape[0]
-    if split > 1 and rows % split == 0 and rows >= split * 4096:
-        r = rows // split
-        return torch.bmm(a.view(split, r, -1).transpose(1, 2), b.view(split, r, -1)).sum(0, dtype=torch.float32)
+    """a^T @ b for a `[rows, M]`, b `[rows, K]` bf16 -> float32 `[M, K]`; the long rows in `_pieces` (one
+    batched GEMM, summed in float32)."""
+    p = _pieces(a.shape[0], split)
+    if p > 1:
+        r = a.shape[0] // p
+        return torch.bmm(a.view(p, r, -1).transpose(1, 2), b.view(p, r, -1)).sum(0, dtype=torch.float32)
     return (a.t() @ b).float()
 
 
@@ -202,7 +210,7 @@ def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples):
     H3, DZ3 = H.view(NSAVE, npad, WIDTH), DZ.view(NSAVE, npad, WIDTH)
     V, DV = V[:n], DV[:n]
     # dz_l^T @ h_{l-1} for l = 1..7 and the bottleneck (8), one batched GEMM, the rows in pieces
-    p = SPLIT_K if npad % SPLIT_K == 0 and npad >= SPLIT_K * 4096 else 1
+    p = _pieces(npad)
     r = npad // p
     dW = torch.bmm(DZ3[1:9].reshape(8 * p, r, WIDTH).transpose(1, 2), H3[0:8].reshape(8 * p, r, WIDTH))
     dW = dW.view(8, p, WIDTH, WIDTH).sum(1, dtype=torch.float32)
@@ -382,8 +390,7 @@ def _device_problem(device):
             ]
         )
     except Exception as e:  # any failure of the tool chain or the launch, reported in one line
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return f'the kernels failed to run: {type(e).__name__}: {lines[0] if lines else "no message"}'[:300]
+        return f'the kernels failed to run: {cli.exception_line(e, 273)}'
     if not err < 0.05:
         return f'the kernels disagree with the plain MLP on this GPU (max relative error {err:.3g})'
     return None
@@ -405,7 +412,11 @@ def usable(mlp, device, log=print):
 
     The first time a CUDA device cannot run the kernels for a supported shape, `log` gets one line
     saying why and that the plain MLP runs instead."""
-    if device.type != 'cuda' or supports(mlp) is not None:
+    if device.type != 'cuda':
+        return False
+    if mlp not in _SUPPORTED:  # (asked twice per level of every step; a module's shape does not change)
+        _SUPPORTED[mlp] = supports(mlp) is None
+    if not _SUPPORTED[mlp]:
         return False
     why = problem(device)
     if why is not None and device not in _TOLD:
@@ -415,3 +426,4 @@ def usable(mlp, device, log=print):
 
 
 _TOLD = set()
+_SUPPORTED = weakref.WeakKeyDictionary()  # mlp -> whether `supports` it

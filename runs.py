@@ -74,8 +74,7 @@ def compile_problem(device):
     try:
         torch.compile(_probe, dynamic=False)(torch.ones(4, device=device))
     except Exception as e:  # any failure of the tool chain, reported in one line
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return f'{type(e).__name__}: {lines[0] if lines else "no message"}'[:300]
+        return cli.exception_line(e)
     return None
 
 
