@@ -197,7 +197,8 @@ def test_rendered_image_and_a_training_step_match_the_plain_bf16_mlp(monkeypatch
     forward = fused_mlp.forward
     monkeypatch.setattr(fused_mlp, 'forward', lambda *a: calls.append(1) or forward(*a))
 
-    def step():
+    def step():  # the same stratified samples each time
+        torch.manual_seed(1)
         model.zero_grad()
         loss = sum(((o[0] - 0.5) ** 2).mean() for o in model.train()(ray_utils.namedtuple_map(lambda r: r[0], rays)))
         loss.backward()
@@ -206,7 +207,6 @@ def test_rendered_image_and_a_training_step_match_the_plain_bf16_mlp(monkeypatch
     fast, fast_grads = model.render_image(rays), step()
     assert len(calls) == 4  # coarse and fine, rendering then training
     monkeypatch.setattr(fused_mlp, 'usable', lambda *a: False)
-    torch.manual_seed(0)
     plain, plain_grads = model.render_image(rays), step()
     for f, p, r in zip(fast, plain, ref):
         assert (f - r).abs().max() <= 2 * (p - r).abs().max() + 1e-3
