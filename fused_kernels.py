@@ -2,8 +2,9 @@
 
 Imported only where `fused_mlp.problem` found a Hopper GPU and Triton with Gluon. Shapes and the
 packed weights are `fused_mlp`'s; measured on an H100 (2026-11-27, 4,096 rays x 128 samples):
-forward 1.21 ms (2.05 ms per 1M rows with 4 stages), forward saving the activations 2.66 ms,
-backward kernel 2.01 ms, against 12.04 ms for forward + backward of the torch.compile'd bf16 MLP.
+forward 1.21 ms (2.05 ms per 1M rows with 4 stages), forward saving the activations 2.66 ms (one h
+buffer; 2.19 against 2.51 ms on an H200 with two, 2026-11-28), backward kernel 2.01 ms, against
+12.04 ms for forward + backward of the torch.compile'd bf16 MLP.
 
 - `mlp_fwd_kernel`: persistent grid (min(#tiles, #SMs) CTAs, tiles pid, pid + P, ...), 8 warps = 2
   warpgroups over 128-row tiles (MMA layout warps_per_cta=[8, 1]: a row's columns in one warp, so
@@ -15,8 +16,12 @@ backward kernel 2.01 ms, against 12.04 ms for forward + backward of the torch.co
   flight, barrier, refill the previous slot. Per layer in registers: + bias, ReLU, -> bf16, stored
   over h (barriers around, fence_async_shared before the next wgmma). Layer 7's epilogue gives the
   density, the view layer adds the per-ray term (gathered by row // S), the rgb head is three row
-  reductions. With SAVE, each h (h_0..h_7, the bottleneck) is also TMA-stored into H
-  [9 * Npad, 256] (block l at rows l * Npad) and the view output into V [Npad, 128].
+  reductions. Inference only: nothing is saved.
+- `mlp_fwd_save_kernel`: the same forward for training, which also TMA-stores each h (h_0..h_7, the
+  bottleneck) into H [9 * Npad, 256] (block l at rows l * Npad) and the view output into V
+  [Npad, 128]. h is double-buffered (layer l writes buffer (tile count + l) % 2), so each store has
+  two layers to drain before its buffer is written again; x has no buffer of its own (no room
+  left): it is TMA-loaded into the first 128 columns of the buffer that its layer writes next.
 - `mlp_bwd_kernel`: the same machinery over the transposed weights (chunks of W^T, so B is K-major
   as in the forward), 34 chunks per tile: dz_view = bf16(d_rgb @ W_rgb) * (v > 0) in registers,
   then dz_b = dz_view @ Wv_h, dz_7 = (dz_b @ W_b + d_density w_d) * (h_7 > 0), and
@@ -65,8 +70,8 @@ from fused_mlp import (
 )
 
 # Weight ring depths. Forward: 4 slots (229,416 B of shared memory; 2.05 ms per 1M rows on an H100
-# against 2.30 with 3), 3 when saving (196,648 B; 194 registers against 255 with 4). Backward: 3
-# (A + mask + ring, 229,416 B).
+# against 2.30 with 3), 3 when saving (two h buffers + ring, 229,416 B). Backward: 3 (A + mask +
+# ring, 229,416 B).
 FWD_STAGES, FWD_SAVE_STAGES, BWD_STAGES = 4, 3, 3
 
 
@@ -145,15 +150,15 @@ def _bias_relu(acc, params_ptr, LAYER: gl.constexpr, RELU: gl.constexpr, mma: gl
 
 
 # ==============================================================================================
-# Forward, with SAVE of the activations for the backward
+# Forward for inference (nothing saved)
 # ==============================================================================================
 @gluon.jit
-def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb_ptr, dens_ptr, v_ptr,  #
-                         N, S, num_tiles, Npad,  #
+def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb_ptr, dens_ptr,  #
+                         N, S, num_tiles,  #
                          BM: gl.constexpr, WIDTH: gl.constexpr, KC: gl.constexpr, VIEW: gl.constexpr,
                          STAGES: gl.constexpr, TOTAL: gl.constexpr, VIEW_C0: gl.constexpr,  #
                          P_BIAS: gl.constexpr, P_WD: gl.constexpr, P_WRGB: gl.constexpr, P_BRGB: gl.constexpr,
-                         P_BD: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr):
+                         P_BD: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 8)
     gl.static_assert(BM == 128)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
@@ -196,20 +201,18 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
         acc = _layer(acc, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                      0, 0, 2, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
-        _store_tile(h_smem, _bias_relu(acc, params_ptr, 0, True, mma, WIDTH, P_BIAS), h_desc, row0, SAVE, SAVE)
+        _store_tile(h_smem, _bias_relu(acc, params_ptr, 0, True, mma, WIDTH, P_BIAS), h_desc, row0, False, False)
 
         for li in gl.static_range(1, 5):
             acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
             acc = _layer(acc, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                          2 + 4 * (li - 1), 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
-            _store_tile(h_smem, _bias_relu(acc, params_ptr, li, True, mma, WIDTH, P_BIAS), h_desc,
-                        li * Npad + row0, SAVE, SAVE)
+            _store_tile(h_smem, _bias_relu(acc, params_ptr, li, True, mma, WIDTH, P_BIAS), h_desc, row0, False, False)
 
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
         acc = _layer(acc, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                      18, 4, 2, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
-        _store_tile(h_smem, _bias_relu(acc, params_ptr, 5, True, mma, WIDTH, P_BIAS),
-                    h_desc, 5 * Npad + row0, SAVE, SAVE)
+        _store_tile(h_smem, _bias_relu(acc, params_ptr, 5, True, mma, WIDTH, P_BIAS), h_desc, row0, False, False)
         mnext = (tile + nprog) * BM
         mbarrier.expect(x_bar.index(0), 2 * x_desc.block_type.nbytes, pred=has_next)
         tma.async_copy_global_to_shared(x_desc, [mnext, 0], x_bar.index(0), x_smem.index(0), has_next)
@@ -218,8 +221,7 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
         acc = _layer(acc, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                      24, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
-        _store_tile(h_smem, _bias_relu(acc, params_ptr, 6, True, mma, WIDTH, P_BIAS),
-                    h_desc, 6 * Npad + row0, SAVE, SAVE)
+        _store_tile(h_smem, _bias_relu(acc, params_ptr, 6, True, mma, WIDTH, P_BIAS), h_desc, row0, False, False)
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
         acc = _layer(acc, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                      28, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
@@ -230,13 +232,12 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
         dens = dens.to(gl.bfloat16).to(gl.float32)
         rows = row0 + rows_l
         gl.store(dens_ptr + rows, dens, mask=rows < N)
-        _store_tile(h_smem, h7, h_desc, 7 * Npad + row0, SAVE, SAVE)
+        _store_tile(h_smem, h7, h_desc, row0, False, False)
 
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
         acc = _layer(acc, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                      32, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
-        _store_tile(h_smem, _bias_relu(acc, params_ptr, 8, False, mma, WIDTH, P_BIAS),
-                    h_desc, 8 * Npad + row0, SAVE, SAVE)
+        _store_tile(h_smem, _bias_relu(acc, params_ptr, 8, False, mma, WIDTH, P_BIAS), h_desc, row0, False, False)
 
         acc_v = gl.zeros([BM, VIEW], gl.float32, layout=mma_v)
         acc_v = _layer(acc_v, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
@@ -247,8 +248,6 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
         pr = gl.load(per_ray_ptr + ray * VIEW + gl.expand_dims(cols_v, 0), mask=in_v, other=0.0)
         v = acc_v.to(gl.bfloat16).to(gl.float32) + pr.to(gl.float32)
         v = gl.maximum(v.to(gl.bfloat16).to(gl.float32), 0.0)
-        if SAVE:  # the view output, post-ReLU, for the backward (rows < Npad: no mask needed)
-            gl.store(v_ptr + gl.expand_dims(rows_v, 1) * VIEW + gl.expand_dims(cols_v, 0), v.to(gl.bfloat16))
 
         out_mask = rows_v < N
         for c in gl.static_range(3):
@@ -258,11 +257,190 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
             gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
         it += 1
 
-    if SAVE:
-        tma.store_wait(0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
     mbarrier.invalidate(x_bar.index(0))
+
+
+# ==============================================================================================
+# Forward for training (saves the activations), double-buffered: h_l is written into hb[(it + l) % 2]
+# (it: the CTA's tile count), so a TMA store has two layers (not one) to read its buffer before it is
+# overwritten: store_wait(1) instead of store_wait(0). Shared memory: hb 2 x 64 KB + ring 3 x 32 KB =
+# 224 KB, no room for x: x is TMA-loaded into the first 128 columns of the h buffer that the layer
+# reading it writes next (h_0's for layer 0, h_5's for layer 5), once the TMA store of that buffer's
+# previous h is done. Per tile, stores s = 0..8 (h_0..h_7, the bottleneck) alternate buffers, and 9
+# is odd: the parity flips per tile, hence (it + l) % 2.
+# ==============================================================================================
+@gluon.jit
+def _load_x_into(x_desc, x_bar, dst, row, pred):
+    """x rows [row, row + 128) (both 64-column boxes, zero-filled past N and x_dim) into columns 0..127 of `dst`.
+
+    The caller has made sure (store_wait + barrier) that no TMA store still reads `dst`."""
+    mbarrier.expect(x_bar.index(0), 2 * x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [row, 0], x_bar.index(0), dst.slice(0, 64, dim=1), pred)
+    tma.async_copy_global_to_shared(x_desc, [row, 64], x_bar.index(0), dst.slice(64, 64, dim=1), pred)
+
+
+@gluon.jit
+def _store_tile_db(smem, val, desc, row):
+    """`_store_tile` for the double buffer: the store that last read `smem` is the one before the most
+    recent (the most recent read the other buffer), so store_wait(1) lets the most recent go on."""
+    tma.store_wait(1)
+    gl.thread_barrier()
+    smem.store(val)
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(desc, [row, 0], smem)
+
+
+@gluon.jit
+def mlp_fwd_save_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb_ptr, dens_ptr, v_ptr,  #
+                           N, S, num_tiles, Npad,  #
+                           BM: gl.constexpr, WIDTH: gl.constexpr, KC: gl.constexpr, VIEW: gl.constexpr,
+                           STAGES: gl.constexpr, TOTAL: gl.constexpr, VIEW_C0: gl.constexpr,  #
+                           P_BIAS: gl.constexpr, P_WD: gl.constexpr, P_WRGB: gl.constexpr, P_BRGB: gl.constexpr,
+                           P_BD: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 8)
+    gl.static_assert(BM == 128)
+    gl.static_assert(KC == 64)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                  instr_shape=[16, WIDTH, 16])
+    mma_v: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                    instr_shape=[16, VIEW, 16])
+
+    hb = gl.allocate_shared_memory(gl.bfloat16, [2, BM, WIDTH], h_desc.layout)
+    w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    x_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    mbarrier.init(x_bar.index(0), count=1)
+    fence_async_shared()
+
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    # x of the first tile into hb[0] (it = 0: h_0 goes there); two x loads per tile: phases 0 then 1
+    _load_x_into(x_desc, x_bar, hb.index(0), pid * BM, True)
+    for c in gl.static_range(STAGES - 1):
+        _issue_chunk(c, c, w_desc, wv_desc, w_ring, ready, True, STAGES, VIEW_C0)
+
+    rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    rows_lv = gl.arange(0, BM, layout=gl.SliceLayout(1, mma_v))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, mma))
+    cols_v = gl.arange(0, VIEW, layout=gl.SliceLayout(0, mma_v))
+
+    it = 0
+    for tile in range(pid, num_tiles, nprog):
+        base = it * TOTAL
+        row0 = tile * BM
+        has_next = tile + nprog < num_tiles
+        par = it % 2  # h_l goes to hb[(par + l) % 2]
+        hp = hb.index(par)  # h_0, h_2, h_4, h_6, the bottleneck
+        hq = hb.index(1 - par)  # h_1, h_3, h_5, h_7
+
+        # L0: A = x, in hp's first 128 columns (loaded during the previous tile's view layer)
+        mbarrier.wait(x_bar.index(0), 0)
+        acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
+        acc = _layer(acc, hp, hp, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                     0, 2, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
+        _store_tile_db(hp, _bias_relu(acc, params_ptr, 0, True, mma, WIDTH, P_BIAS), h_desc, row0)
+
+        for li in gl.static_range(1, 5):
+            if li % 2 == 1:
+                src_buf = hp
+                dst_buf = hq
+            else:
+                src_buf = hq
+                dst_buf = hp
+            acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
+            acc = _layer(acc, src_buf, src_buf, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                         2 + 4 * (li - 1), 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
+            _store_tile_db(dst_buf, _bias_relu(acc, params_ptr, li, True, mma, WIDTH, P_BIAS), h_desc,
+                           li * Npad + row0)
+
+        # L5 reads h_4 (hp) and x; x goes into hq (h_3's buffer, h_5's next) once h_3's store is done
+        # (h_4's, the most recent, may go on), and arrives while the 4 h chunks run.
+        tma.store_wait(1)
+        gl.thread_barrier()
+        _load_x_into(x_desc, x_bar, hq, row0, True)
+        acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
+        acc = _layer5_db(acc, hp, hq, x_bar, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                         STAGES, TOTAL, VIEW_C0, KC)
+        _store_tile_db(hq, _bias_relu(acc, params_ptr, 5, True, mma, WIDTH, P_BIAS), h_desc, 5 * Npad + row0)
+
+        acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
+        acc = _layer(acc, hq, hq, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                     24, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
+        _store_tile_db(hp, _bias_relu(acc, params_ptr, 6, True, mma, WIDTH, P_BIAS), h_desc, 6 * Npad + row0)
+        acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
+        acc = _layer(acc, hp, hp, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                     28, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
+        h7 = _bias_relu(acc, params_ptr, 7, True, mma, WIDTH, P_BIAS)
+
+        wd = gl.load(params_ptr + P_WD + cols)
+        dens = gl.sum(h7.to(gl.float32) * gl.expand_dims(wd, 0), axis=1) + gl.load(params_ptr + P_BD)
+        dens = dens.to(gl.bfloat16).to(gl.float32)
+        rows = row0 + rows_l
+        gl.store(dens_ptr + rows, dens, mask=rows < N)
+        _store_tile_db(hq, h7, h_desc, 7 * Npad + row0)
+
+        acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
+        acc = _layer(acc, hq, hq, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                     32, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
+        _store_tile_db(hp, _bias_relu(acc, params_ptr, 8, False, mma, WIDTH, P_BIAS), h_desc, 8 * Npad + row0)
+
+        # the next tile's x into hq (its h_0 buffer: the next tile's parity is 1 - par) once h_7's store
+        # is done (the bottleneck's may go on); it arrives during the view layer, which reads hp
+        tma.store_wait(1)
+        gl.thread_barrier()
+        _load_x_into(x_desc, x_bar, hq, (tile + nprog) * BM, has_next)
+
+        acc_v = gl.zeros([BM, VIEW], gl.float32, layout=mma_v)
+        acc_v = _layer(acc_v, hp, hp, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+                       VIEW_C0, 4, 0, VIEW, STAGES, TOTAL, VIEW_C0, KC)
+        rows_v = row0 + rows_lv
+        in_v = gl.expand_dims(rows_v < N, 1)
+        ray = gl.expand_dims(rows_v // S, 1)
+        pr = gl.load(per_ray_ptr + ray * VIEW + gl.expand_dims(cols_v, 0), mask=in_v, other=0.0)
+        v = acc_v.to(gl.bfloat16).to(gl.float32) + pr.to(gl.float32)
+        v = gl.maximum(v.to(gl.bfloat16).to(gl.float32), 0.0)
+        gl.store(v_ptr + gl.expand_dims(rows_v, 1) * VIEW + gl.expand_dims(cols_v, 0), v.to(gl.bfloat16))
+
+        out_mask = rows_v < N
+        for c in gl.static_range(3):
+            wc = gl.load(params_ptr + P_WRGB + c * VIEW + cols_v)
+            rc = gl.sum(v * gl.expand_dims(wc, 0), axis=1) + gl.load(params_ptr + P_BRGB + c)
+            rc = rc.to(gl.bfloat16).to(gl.float32)
+            gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
+        it += 1
+
+    tma.store_wait(0)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    mbarrier.invalidate(x_bar.index(0))
+
+
+@gluon.jit
+def _layer5_db(acc, h_smem, x_smem, x_bar, w_ring, ready, w_desc, wv_desc, base, has_next,  #
+               STAGES: gl.constexpr, TOTAL: gl.constexpr, VIEW_C0: gl.constexpr, KC: gl.constexpr):
+    """Layer 5 of the double-buffered forward: the 4 h chunks (schedule 18..21) from `h_smem`, then
+    (once x has arrived, phase 1) the 2 x chunks (22, 23) from columns 0..127 of `x_smem`."""
+    for j in gl.static_range(6):
+        g = base + (18 + j)
+        s = g % STAGES
+        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+        if j < 4:
+            a = h_smem.slice(j * KC, KC, dim=1)
+        else:
+            if j == 4:
+                mbarrier.wait(x_bar.index(0), 1)
+            a = x_smem.slice((j - 4) * KC, KC, dim=1)
+        acc = warpgroup_mma(a, w_ring.index(s).permute((1, 0)), acc, use_acc=(j > 0), is_async=True)
+        acc = warpgroup_mma_wait(1, deps=(acc, ))
+        gl.thread_barrier()
+        _issue_chunk(g + STAGES - 1, 18 + j + STAGES - 1, w_desc, wv_desc, w_ring, ready, True, STAGES, VIEW_C0)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    return acc
 
 
 # ==============================================================================================
@@ -407,20 +585,29 @@ def forward(pk, x, per_ray, samples, save=False):
     npad = num_tiles * BM
     rgb = torch.empty(n, 3, device=dev, dtype=torch.float32)
     density = torch.empty(n, device=dev, dtype=torch.float32)
-    rows = npad if save else 1  # (without SAVE the kernel never touches H and V)
-    H = torch.empty(NSAVE * rows if save else BM, WIDTH, device=dev, dtype=torch.bfloat16)
-    V = torch.empty(rows, VIEW, device=dev, dtype=torch.bfloat16)
+    # (the inference kernel only takes H's layout from its descriptor, and never touches V)
+    H = torch.empty(NSAVE * npad if save else BM, WIDTH, device=dev, dtype=torch.bfloat16)
+    V = torch.empty(npad, VIEW, device=dev, dtype=torch.bfloat16) if save else None
     _, x_layout, h_layout = _layouts()
     # the second [128, 64] box of x is zero-filled past column x_dim, and rows past n are zero-filled
     x_desc = TensorDescriptor(x, [n, xd], [xd, 1], [BM, KC], x_layout)
     h_desc = TensorDescriptor.from_tensor(H, [BM, WIDTH], h_layout)
-    mlp_fwd_kernel[_grid(num_tiles, dev)](
-        x_desc, pk['w_desc'], pk['wv_desc'], h_desc, pk['params'], per_ray, rgb, density, V, n, samples, num_tiles,
-        npad, BM=BM, WIDTH=WIDTH, KC=KC, VIEW=VIEW, STAGES=FWD_SAVE_STAGES if save else FWD_STAGES,
-        TOTAL=FWD_TOTAL, VIEW_C0=VIEW_C0, P_BIAS=P_BIAS, P_WD=P_WD, P_WRGB=P_WRGB, P_BRGB=P_BRGB, P_BD=P_BD,
-        SAVE=save, num_warps=NUM_WARPS,
+    shared = dict(
+        BM=BM, WIDTH=WIDTH, KC=KC, VIEW=VIEW, TOTAL=FWD_TOTAL, VIEW_C0=VIEW_C0, P_BIAS=P_BIAS, P_WD=P_WD,
+        P_WRGB=P_WRGB, P_BRGB=P_BRGB, P_BD=P_BD, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return (rgb, density, H, V) if save else (rgb, density)
+    grid = _grid(num_tiles, dev)
+    if save:
+        mlp_fwd_save_kernel[grid](
+            x_desc, pk['w_desc'], pk['wv_desc'], h_desc, pk['params'], per_ray, rgb, density, V, n, samples,
+            num_tiles, npad, STAGES=FWD_SAVE_STAGES, **shared,
+        )  # fmt: skip
+        return rgb, density, H, V
+    mlp_fwd_kernel[grid](
+        x_desc, pk['w_desc'], pk['wv_desc'], h_desc, pk['params'], per_ray, rgb, density, n, samples, num_tiles,
+        STAGES=FWD_STAGES, **shared,
+    )  # fmt: skip
+    return rgb, density
 
 
 def backward(pk, H, V, d_rgb, d_density, n):
@@ -443,8 +630,8 @@ def backward(pk, H, V, d_rgb, d_density, n):
 
 
 def compile_offline(which='fwd', save=False, arch=90):
-    """Compile `mlp_fwd_kernel` ('fwd', with or without SAVE) or `mlp_bwd_kernel` ('bwd') for sm_{arch}a
-    without a GPU (Triton bundles ptxas); returns the CompiledKernel."""
+    """Compile `mlp_fwd_kernel` ('fwd'), `mlp_fwd_save_kernel` ('fwd' with `save`) or `mlp_bwd_kernel`
+    ('bwd') for sm_{arch}a without a GPU (Triton bundles ptxas); returns the CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -454,7 +641,7 @@ def compile_offline(which='fwd', save=False, arch=90):
         return f'tensordesc<bf16[{rows}, {cols}],{layout!r}>'
 
     if which == 'fwd':
-        kernel, sig = mlp_fwd_kernel, {
+        kernel, sig = (mlp_fwd_save_kernel if save else mlp_fwd_kernel), {
             'x_desc': desc(BM, KC, x_layout), 'w_desc': desc(WIDTH, KC, w_layout),
             'wv_desc': desc(VIEW, KC, w_layout), 'h_desc': desc(BM, WIDTH, h_layout),
             'params_ptr': '*fp32', 'per_ray_ptr': '*bf16', 'rgb_ptr': '*fp32', 'dens_ptr': '*fp32',
@@ -462,8 +649,7 @@ def compile_offline(which='fwd', save=False, arch=90):
         }  # fmt: skip
         consts = dict(
             BM=BM, WIDTH=WIDTH, KC=KC, VIEW=VIEW, STAGES=FWD_SAVE_STAGES if save else FWD_STAGES, TOTAL=FWD_TOTAL,
-            VIEW_C0=VIEW_C0, P_BIAS=P_BIAS, P_WD=P_WD, P_WRGB=P_WRGB, P_BRGB=P_BRGB, P_BD=P_BD, SAVE=save,
-            num_warps=NUM_WARPS,
+            VIEW_C0=VIEW_C0, P_BIAS=P_BIAS, P_WD=P_WD, P_WRGB=P_WRGB, P_BRGB=P_BRGB, P_BD=P_BD, num_warps=NUM_WARPS,
         )  # fmt: skip
     else:
         kernel, sig = mlp_bwd_kernel, {
