@@ -77,6 +77,21 @@ FWD_STAGES, FWD_SAVE_STAGES, BWD_STAGES = 4, 3, 3
 
 # fmt: off
 @gluon.jit
+def _barriers(ready, other, STAGES: gl.constexpr, INIT: gl.constexpr):
+    """Initialise (INIT, then fence for the async proxy) or invalidate the ring's STAGES mbarriers and one other."""
+    for i in gl.static_range(STAGES):
+        if INIT:
+            mbarrier.init(ready.index(i), count=1)
+        else:
+            mbarrier.invalidate(ready.index(i))
+    if INIT:
+        mbarrier.init(other.index(0), count=1)
+        fence_async_shared()
+    else:
+        mbarrier.invalidate(other.index(0))
+
+
+@gluon.jit
 def _issue_chunk(p, CID: gl.constexpr, w_desc, wv_desc, w_ring, ready, pred, STAGES: gl.constexpr,
                  VIEW_C0: gl.constexpr):
     s = p % STAGES
@@ -149,6 +164,35 @@ def _bias_relu(acc, params_ptr, LAYER: gl.constexpr, RELU: gl.constexpr, mma: gl
     return v.to(gl.bfloat16)
 
 
+@gluon.jit
+def _density_head(h7, params_ptr, dens_ptr, rows, N, cols, P_WD: gl.constexpr, P_BD: gl.constexpr):
+    """Raw density of the tile's rows from h_7 (bf16, the MMA layout): a row reduction, rounded to bf16."""
+    wd = gl.load(params_ptr + P_WD + cols)
+    dens = gl.sum(h7.to(gl.float32) * gl.expand_dims(wd, 0), axis=1) + gl.load(params_ptr + P_BD)
+    dens = dens.to(gl.bfloat16).to(gl.float32)
+    gl.store(dens_ptr + rows, dens, mask=rows < N)
+
+
+@gluon.jit
+def _view_rgb_heads(acc_v, per_ray_ptr, params_ptr, rgb_ptr, v_ptr, rows_v, N, S, cols_v, VIEW: gl.constexpr,
+                    P_WRGB: gl.constexpr, P_BRGB: gl.constexpr, SAVE_V: gl.constexpr):
+    """The view layer's epilogue (+ the per-ray term of row // S, ReLU, bf16; with SAVE_V also stored to
+    V, rows < Npad so no mask) and the rgb head: three row reductions, rounded to bf16."""
+    in_v = gl.expand_dims(rows_v < N, 1)
+    ray = gl.expand_dims(rows_v // S, 1)
+    pr = gl.load(per_ray_ptr + ray * VIEW + gl.expand_dims(cols_v, 0), mask=in_v, other=0.0)
+    v = acc_v.to(gl.bfloat16).to(gl.float32) + pr.to(gl.float32)
+    v = gl.maximum(v.to(gl.bfloat16).to(gl.float32), 0.0)
+    if SAVE_V:
+        gl.store(v_ptr + gl.expand_dims(rows_v, 1) * VIEW + gl.expand_dims(cols_v, 0), v.to(gl.bfloat16))
+    out_mask = rows_v < N
+    for c in gl.static_range(3):
+        wc = gl.load(params_ptr + P_WRGB + c * VIEW + cols_v)
+        rc = gl.sum(v * gl.expand_dims(wc, 0), axis=1) + gl.load(params_ptr + P_BRGB + c)
+        rc = rc.to(gl.bfloat16).to(gl.float32)
+        gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
+
+
 # ==============================================================================================
 # Forward for inference (nothing saved)
 # ==============================================================================================
@@ -171,10 +215,7 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
     w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     x_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    mbarrier.init(x_bar.index(0), count=1)
-    fence_async_shared()
+    _barriers(ready, x_bar, STAGES, True)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -227,11 +268,7 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
                      28, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
         h7 = _bias_relu(acc, params_ptr, 7, True, mma, WIDTH, P_BIAS)
 
-        wd = gl.load(params_ptr + P_WD + cols)
-        dens = gl.sum(h7.to(gl.float32) * gl.expand_dims(wd, 0), axis=1) + gl.load(params_ptr + P_BD)
-        dens = dens.to(gl.bfloat16).to(gl.float32)
-        rows = row0 + rows_l
-        gl.store(dens_ptr + rows, dens, mask=rows < N)
+        _density_head(h7, params_ptr, dens_ptr, row0 + rows_l, N, cols, P_WD, P_BD)
         _store_tile(h_smem, h7, h_desc, row0, False, False)
 
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
@@ -242,24 +279,11 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
         acc_v = gl.zeros([BM, VIEW], gl.float32, layout=mma_v)
         acc_v = _layer(acc_v, h_smem, x_smem, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                        VIEW_C0, 4, 0, VIEW, STAGES, TOTAL, VIEW_C0, KC)
-        rows_v = row0 + rows_lv
-        in_v = gl.expand_dims(rows_v < N, 1)
-        ray = gl.expand_dims(rows_v // S, 1)
-        pr = gl.load(per_ray_ptr + ray * VIEW + gl.expand_dims(cols_v, 0), mask=in_v, other=0.0)
-        v = acc_v.to(gl.bfloat16).to(gl.float32) + pr.to(gl.float32)
-        v = gl.maximum(v.to(gl.bfloat16).to(gl.float32), 0.0)
-
-        out_mask = rows_v < N
-        for c in gl.static_range(3):
-            wc = gl.load(params_ptr + P_WRGB + c * VIEW + cols_v)
-            rc = gl.sum(v * gl.expand_dims(wc, 0), axis=1) + gl.load(params_ptr + P_BRGB + c)
-            rc = rc.to(gl.bfloat16).to(gl.float32)
-            gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
+        _view_rgb_heads(acc_v, per_ray_ptr, params_ptr, rgb_ptr, None, row0 + rows_lv, N, S, cols_v, VIEW,
+                        P_WRGB, P_BRGB, False)
         it += 1
 
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    mbarrier.invalidate(x_bar.index(0))
+    _barriers(ready, x_bar, STAGES, False)
 
 
 # ==============================================================================================
@@ -312,10 +336,7 @@ def mlp_fwd_save_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr
     w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     x_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    mbarrier.init(x_bar.index(0), count=1)
-    fence_async_shared()
+    _barriers(ready, x_bar, STAGES, True)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -377,11 +398,7 @@ def mlp_fwd_save_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr
                      28, 4, 0, WIDTH, STAGES, TOTAL, VIEW_C0, KC)
         h7 = _bias_relu(acc, params_ptr, 7, True, mma, WIDTH, P_BIAS)
 
-        wd = gl.load(params_ptr + P_WD + cols)
-        dens = gl.sum(h7.to(gl.float32) * gl.expand_dims(wd, 0), axis=1) + gl.load(params_ptr + P_BD)
-        dens = dens.to(gl.bfloat16).to(gl.float32)
-        rows = row0 + rows_l
-        gl.store(dens_ptr + rows, dens, mask=rows < N)
+        _density_head(h7, params_ptr, dens_ptr, row0 + rows_l, N, cols, P_WD, P_BD)
         _store_tile_db(hq, h7, h_desc, 7 * Npad + row0)
 
         acc = gl.zeros([BM, WIDTH], gl.float32, layout=mma)
@@ -398,26 +415,12 @@ def mlp_fwd_save_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr
         acc_v = gl.zeros([BM, VIEW], gl.float32, layout=mma_v)
         acc_v = _layer(acc_v, hp, hp, w_ring, ready, w_desc, wv_desc, base, has_next,  #
                        VIEW_C0, 4, 0, VIEW, STAGES, TOTAL, VIEW_C0, KC)
-        rows_v = row0 + rows_lv
-        in_v = gl.expand_dims(rows_v < N, 1)
-        ray = gl.expand_dims(rows_v // S, 1)
-        pr = gl.load(per_ray_ptr + ray * VIEW + gl.expand_dims(cols_v, 0), mask=in_v, other=0.0)
-        v = acc_v.to(gl.bfloat16).to(gl.float32) + pr.to(gl.float32)
-        v = gl.maximum(v.to(gl.bfloat16).to(gl.float32), 0.0)
-        gl.store(v_ptr + gl.expand_dims(rows_v, 1) * VIEW + gl.expand_dims(cols_v, 0), v.to(gl.bfloat16))
-
-        out_mask = rows_v < N
-        for c in gl.static_range(3):
-            wc = gl.load(params_ptr + P_WRGB + c * VIEW + cols_v)
-            rc = gl.sum(v * gl.expand_dims(wc, 0), axis=1) + gl.load(params_ptr + P_BRGB + c)
-            rc = rc.to(gl.bfloat16).to(gl.float32)
-            gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
+        _view_rgb_heads(acc_v, per_ray_ptr, params_ptr, rgb_ptr, v_ptr, row0 + rows_lv, N, S, cols_v, VIEW,
+                        P_WRGB, P_BRGB, True)
         it += 1
 
     tma.store_wait(0)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    mbarrier.invalidate(x_bar.index(0))
+    _barriers(ready, x_bar, STAGES, False)
 
 
 @gluon.jit
@@ -476,10 +479,7 @@ def mlp_bwd_kernel(wt_desc, h_desc, dz_desc, params_ptr, v_ptr, drgb_ptr, ddens_
     w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], wt_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     m_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    mbarrier.init(m_bar.index(0), count=1)
-    fence_async_shared()
+    _barriers(ready, m_bar, STAGES, True)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -544,9 +544,7 @@ def mlp_bwd_kernel(wt_desc, h_desc, dz_desc, params_ptr, v_ptr, drgb_ptr, ddens_
         it += 1
 
     tma.store_wait(0)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    mbarrier.invalidate(m_bar.index(0))
+    _barriers(ready, m_bar, STAGES, False)
 
 # fmt: on
 
