@@ -358,8 +358,8 @@ def check_resolved(cfg, need_data=True):
         )
 
 
-def check_sampling_range(cfg):
-    """Refuse --near/--far whose samples overflow float32 (the frustum Gaussians' variances grow as t^4)."""
+def _samples_are_finite(cfg, far):
+    """Whether one ray's frustum Gaussians between cfg.near and `far` stay finite in float32."""
     import torch  # only once the flags are known to be good
 
     import ray_utils
@@ -371,16 +371,26 @@ def check_sampling_range(cfg):
         1e-3 * one,
         cfg.num_samples,
         cfg.near * one,
-        cfg.far * one,
+        far * one,
         False,
         cfg.lindisp,
         cfg.ray_shape,
     )
-    if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
-        raise ConfigError(
-            f"--far {cfg.far:g}: samples that far overflow float32 (their Gaussians' variances grow as distance^4); "
-            'pass a --far below 1e7 (in scene units)'
-        )
+    return bool(torch.isfinite(mean).all() and torch.isfinite(cov).all())
+
+
+def check_sampling_range(cfg):
+    """Refuse --near/--far whose samples overflow float32 (a cone's frustum variances grow as t^4), naming
+    the largest round --far (1, 2 or 5 x 10^k) that works with the other sampling flags."""
+    if _samples_are_finite(cfg, cfg.far):
+        return
+    fits = (f for f in (m * 10.0**k for k in range(30, -4, -1) for m in (5, 2, 1)) if cfg.near < f < cfg.far)
+    best = next((f for f in fits if _samples_are_finite(cfg, f)), None)
+    fix = f'pass a --far of at most {best:g}' if best else 'pass a smaller --near and --far'
+    raise ConfigError(
+        f"--far {cfg.far:g}: samples that far overflow float32 (their Gaussians' variances grow with a power of "
+        f'the distance); {fix} (in scene units, with these --near, --num_samples, --lindisp and --ray_shape)'
+    )
 
 
 def get_config(argv=None, need_data=True, prog=None):

@@ -176,3 +176,24 @@ def test_shipped_configs_hold_only_what_differs_from_the_defaults():
 
 def test_help_lists_the_datasets_of_datasets_py():
     assert set(config.DATASET_NAMES) == set(datasets.DATASETS)
+
+
+@pytest.mark.parametrize('ray_shape,lindisp', [('cone', False), ('cylinder', False), ('cone', True)])
+def test_a_far_that_overflows_is_refused_naming_one_that_works(ray_shape, lindisp):
+    """The refusal names the largest round --far (1, 2 or 5 x 10^k) whose samples stay finite: it passes,
+    and the next round value up (2 or 2.5 times it) overflows. (With --lindisp the last interval reaches
+    --far, so its limit is far lower than the cone's 1e7.)"""
+    import re
+
+    flags = ['--dataset_name', 'blender', '--ray_shape', ray_shape] + ['--lindisp'] * lindisp
+    cfg = config.get_config(flags, need_data=False)
+    cfg.far = 1e30
+    with pytest.raises(config.ConfigError, match='--far 1e[+]30: samples that far overflow float32') as e:
+        config.check_sampling_range(cfg)
+    advised = float(re.search(r'pass a --far of at most ([0-9.e+]+)', str(e.value)).group(1))
+    assert 1e3 < advised < 1e30 and f'{advised:.0e}'[0] in '125'
+    cfg.far = advised
+    config.check_sampling_range(cfg)
+    cfg.far = advised * 2.5
+    with pytest.raises(config.ConfigError):
+        config.check_sampling_range(cfg)
