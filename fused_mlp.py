@@ -371,11 +371,14 @@ def _device_problem(device):
     from model import MLP  # a probe of the default shape: compiles the kernels and checks them once
 
     try:
+        # its own random streams: the caller's (training's sampling, say) stay as they were
+        with torch.random.fork_rng(devices=[]):  # (the layers' initialization draws from the CPU's stream)
+            torch.random.default_generator.manual_seed(0)
+            mlp = MLP(96, 27, 8, WIDTH, 4).to(device)
         gen = torch.Generator(device=device).manual_seed(0)
-        mlp = MLP(96, 27, 8, WIDTH, 4).to(device)
-        x = torch.randn(3, 100, 96, device=device, generator=gen)
-        cond = torch.randn(3, 27, device=device, generator=gen)
-        d_rgb, d_density = torch.randn(3, 100, 3, device=device), torch.randn(3, 100, device=device)
+        x, cond, d_rgb, d_density = (
+            torch.randn(shape, device=device, generator=gen) for shape in ((3, 100, 96), (3, 27), (3, 100, 3), (3, 100))
+        )
         with torch.no_grad():
             rgb, density = forward(mlp, x, cond)
         with torch.enable_grad():  # (asked first from inside a renderer's no_grad, say)

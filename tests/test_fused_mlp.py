@@ -238,3 +238,12 @@ def test_the_probe_passes_when_first_asked_while_rendering(monkeypatch):
     monkeypatch.setattr(fused_mlp, '_device_problem', fused_mlp._device_problem.__wrapped__)
     with torch.no_grad():
         assert fused_mlp.problem(torch.device('cuda')) is None
+
+
+@hopper
+def test_the_probe_leaves_the_callers_random_streams_alone(monkeypatch):
+    """The probe runs during the first training step: it must not move the sampling's random streams."""
+    monkeypatch.setattr(fused_mlp, '_device_problem', fused_mlp._device_problem.__wrapped__)
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    assert fused_mlp.problem(torch.device('cuda')) is None
+    assert torch.equal(cpu, torch.get_rng_state()) and torch.equal(cuda, torch.cuda.get_rng_state())
