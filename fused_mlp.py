@@ -5,8 +5,9 @@
 stay in shared memory while the weights stream through, instead of one GEMM per layer with the
 activations going through GPU memory in between. Training saves the activations (bf16) for a
 backward kernel that gives every layer's pre-activation gradient; the weight gradients are then
-large GEMMs (`weight_grads`). Semantics: `MLP.forward` and its gradients under bfloat16 autocast
-(bf16 operands and activations, float32 accumulation and parameter gradients), outputs float32.
+large GEMMs (`weight_grads`; on the GPU those of layers 1..8 in one kernel, with their bias sums).
+Semantics: `MLP.forward` and its gradients under bfloat16 autocast (bf16 operands and activations,
+float32 accumulation and parameter gradients), outputs float32.
 No gradient flows to the inputs x and cond (they come from data).
 
 This module needs no GPU and no Triton: `problem` says in one line why the kernels cannot run on a
@@ -51,7 +52,8 @@ P_WRGB = P_WD + WIDTH  # rgb weight [3, 128]
 P_BRGB = P_WRGB + 3 * VIEW  # rgb bias [3]
 P_BD = P_BRGB + 3  # density bias [1]
 
-SPLIT_K = 16  # weight-gradient GEMMs over 524,288 rows: 16 pieces summed in fp32 (H100: 1.67 ms against 2.88 in one)
+# torch weight-gradient GEMMs over 524,288 rows: 16 pieces summed in fp32 (H100: 1.67 ms against 2.88 in one)
+SPLIT_K = 16
 PARAMS = tuple(f'trunk.{i}.{k}' for i in range(8) for k in ('weight', 'bias')) + (
     'density.weight',
     'density.bias',
@@ -196,25 +198,35 @@ def _tn(a, b, split=SPLIT_K):
     return (a.t() @ b).float()
 
 
-def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples):
+def blocks_grads(H, DZ):
+    """The weight and bias gradients of blocks 1..8 (trunk layers 1..7, the bottleneck), in plain torch:
+    H, DZ `[9 * Npad, 256]` bf16 (DZ's rows n.. zero) -> dW `[8, 256, 256]` float32, dW[l - 1] =
+    DZ3[l]^T @ H3[l - 1] (one batched GEMM, the rows in `_pieces`, each piece rounded to bf16 before
+    the float32 sum), and db `[8, 256]` float32, db[l - 1] = DZ3[l].sum(0). On the GPU
+    `fused_kernels.weight_grads_blocks` does both in one kernel."""
+    npad = H.shape[0] // NSAVE
+    H3, DZ3 = H.view(NSAVE, npad, WIDTH), DZ.view(NSAVE, npad, WIDTH)
+    p = _pieces(npad)
+    r = npad // p
+    dW = torch.bmm(DZ3[1:9].reshape(8 * p, r, WIDTH).transpose(1, 2), H3[0:8].reshape(8 * p, r, WIDTH))
+    return dW.view(8, p, WIDTH, WIDTH).sum(1, dtype=torch.float32), DZ3[1:9].sum(1, dtype=torch.float32)
+
+
+def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, blocks=blocks_grads):
     """Every parameter's gradient (float32, in `PARAMS` order) from the saved activations and the
     backward kernel's pre-activation gradients.
 
     H, DZ `[9 * Npad, 256]` and V, DV `[Npad, 128]` bf16 (rows n.. of DZ and DV zero); x `[n, x_dim]`
     and cond `[R, cond_dim]` bf16 (n = R x samples); d_rgb `[n, 3]`, d_density `[n]` float32. The
     weights' gradients are dz^T @ input GEMMs with bf16 operands, as autocast's; the biases' are
-    float32 column sums.
+    float32 column sums. `blocks(H, DZ)` gives those of blocks 1..8 (`blocks_grads`'s contract).
     """
     n = x.shape[0]
     npad = V.shape[0]
     H3, DZ3 = H.view(NSAVE, npad, WIDTH), DZ.view(NSAVE, npad, WIDTH)
     V, DV = V[:n], DV[:n]
-    # dz_l^T @ h_{l-1} for l = 1..7 and the bottleneck (8), one batched GEMM, the rows in pieces
-    p = _pieces(npad)
-    r = npad // p
-    dW = torch.bmm(DZ3[1:9].reshape(8 * p, r, WIDTH).transpose(1, 2), H3[0:8].reshape(8 * p, r, WIDTH))
-    dW = dW.view(8, p, WIDTH, WIDTH).sum(1, dtype=torch.float32)
-    db = DZ3[:, :n].sum(1, dtype=torch.float32)
+    dW, db18 = blocks(H, DZ)  # dz_l^T @ h_{l-1} and dz_l's sums for l = 1..7 and the bottleneck (8)
+    db = torch.cat([DZ3[0, :n].sum(0, dtype=torch.float32)[None], db18])
     d_ray = DV.view(-1, samples, VIEW).sum(1, dtype=torch.float32)  # the per-ray term's gradient
     d_rgb_b, d_density_b = d_rgb.to(torch.bfloat16), d_density.to(torch.bfloat16)
     grads = []
@@ -265,7 +277,9 @@ class _FusedMLP(torch.autograd.Function):
         d_rgb = (g_rgb if g_rgb is not None else x2.new_zeros(n, 3)).reshape(n, 3).float().contiguous()
         d_density = (g_density if g_density is not None else x2.new_zeros(n)).reshape(n).float().contiguous()
         DZ, DV = fused_kernels.backward(pk, H, V, d_rgb, d_density, n)
-        grads = weight_grads(ctx.saved_tensors, H, V, DZ, DV, x2, cond2, d_rgb, d_density, S)
+        grads = weight_grads(
+            ctx.saved_tensors, H, V, DZ, DV, x2, cond2, d_rgb, d_density, S, blocks=fused_kernels.weight_grads_blocks
+        )
         return (None, None, None) + tuple(grads)
 
 

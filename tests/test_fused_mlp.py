@@ -5,12 +5,17 @@ plain PyTorch) against the float32 MLP and autograd, with the bf16-autocast erro
 the shapes they take; the one-line fallback; and (where Triton with Gluon is installed) that the
 kernels compile for sm_90a. On a Hopper GPU: the kernels themselves, the same way, and whole images."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fused_mlp
 import ray_utils
 from config import ModelArgs
+from conftest import REPO
 from model import MLP, MipNeRF
 from model360 import MipNeRF360
 from runs import set_precision
@@ -108,6 +113,40 @@ def test_weight_gradients_split_over_rows_sum_to_the_whole():
         assert (fused_mlp._tn(a, b, split=split) - whole).abs().max() < 0.01 * whole.abs().max()
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="on a GPU the kernel itself runs (test_kernels_match_the_mlp_and_its_gradients); the GPU image's Triton "
+    'build cannot interpret loop bounds that depend on the program id',
+)
+def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
+    """`fused_kernels.weight_grads_blocks` in Triton's interpreter (CPU), and `fused_mlp.blocks_grads`, against
+    float64: 9 tiles of rows (18 steps over 8 row ranges, so they differ in length), zero rows past n, every
+    layer at its own scale (a swapped or misplaced layer shows)."""
+    pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
+    npad, n, W = 9 * fused_mlp.BM, 1100, fused_mlp.WIDTH
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(9 * npad, W, generator=g).to(torch.bfloat16)
+    DZ = (torch.randn(9, npad, W, generator=g) * torch.arange(1.0, 10.0).view(9, 1, 1) * 1e-3).to(torch.bfloat16)
+    DZ[:, n:] = 0
+    DZ = DZ.view(9 * npad, W)
+    torch.save((H, DZ), tmp_path / 'in.pt')
+    code = (
+        'import sys, torch, fused_kernels; H, DZ = torch.load(sys.argv[1]); '
+        'torch.save(fused_kernels.weight_grads_blocks(H, DZ), sys.argv[2])'
+    )
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'in.pt'), str(tmp_path / 'out.pt')],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    H3, DZ3 = H.double().view(9, npad, W), DZ.double().view(9, npad, W)
+    want = (DZ3[1:9].transpose(1, 2) @ H3[0:8], DZ3[1:9, :n].sum(1))
+    for (dw, db), tol in ((torch.load(tmp_path / 'out.pt'), 1e-5), (fused_mlp.blocks_grads(H, DZ), 1e-2)):
+        for got, ref in zip((dw, db), want):
+            assert got.dtype == torch.float32 and got.shape == ref.shape
+            err = (got.double() - ref).abs().amax((1, 2) if got.dim() == 3 else 1)
+            assert (err <= tol * ref.abs().amax((1, 2) if ref.dim() == 3 else 1)).all(), (tol, err)
+
+
 def test_supported_shapes():
     assert fused_mlp.supports(MipNeRF(ModelArgs()).mlp) is None
     assert 'trunk' in fused_mlp.supports(MLP(96, 27, 4, 64, 2))
@@ -143,7 +182,7 @@ def test_bf16_model_on_cpu_takes_the_plain_path(monkeypatch):
         model.eval()(make_rays((4,), 'cpu'))
 
 
-@pytest.mark.parametrize('which,save', [('fwd', False), ('fwd', True), ('bwd', False)])
+@pytest.mark.parametrize('which,save', [('fwd', False), ('fwd', True), ('bwd', False), ('dw', False)])
 def test_kernels_compile_for_hopper(which, save):
     """Triton's bundled ptxas builds the kernels for sm_90a without a GPU, within a CTA's shared memory."""
     pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
