@@ -567,7 +567,7 @@ def dw_bias_kernel(
     db_ptr,
     npad,
     nsteps,
-    split,  #
+    split,
     BK: tl.constexpr,
     HALF: tl.constexpr,
     WIDTH: tl.constexpr,
