@@ -560,6 +560,22 @@ def mlp_bwd_kernel(wt_desc, h_desc, dz_desc, params_ptr, v_ptr, drgb_ptr, ddens_
 
 
 @triton.jit
+def _dw_step(dz_desc, h_desc, dz_row, h_row, col, acc, sacc, ones, INTERPRETED: tl.constexpr):
+    """One BK-row step of `dw_bias_kernel`: acc += a^T @ b, sacc += a^T @ ones."""
+    a = dz_desc.load([dz_row, col])  # [BK, HALF]
+    b = h_desc.load([h_row, 0])  # [BK, WIDTH]
+    if INTERPRETED:  # triton 3.6's interpreter gets bf16 tl.dot wrong: widen first (exact)
+        at = tl.trans(a.to(tl.float32))
+        acc = tl.dot(at, b.to(tl.float32), acc, input_precision='ieee')
+        sacc = tl.dot(at, ones.to(tl.float32), sacc, input_precision='ieee')
+    else:
+        at = tl.trans(a)
+        acc = tl.dot(at, b, acc)
+        sacc = tl.dot(at, ones, sacc)
+    return acc, sacc
+
+
+@triton.jit
 def dw_bias_kernel(
     h_desc,
     dz_desc,
@@ -571,7 +587,7 @@ def dw_bias_kernel(
     BK: tl.constexpr,
     HALF: tl.constexpr,
     WIDTH: tl.constexpr,
-    INTERP_F32: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """Partial weight and bias gradients of blocks 1..8 over one row range, reading each DZ and H block once:
     dw[s, l - 1] = DZ3[l, rows]^T @ H3[l - 1, rows] `[WIDTH, WIDTH]`, db[s, l - 1] = DZ3[l, rows].sum(0).
@@ -580,8 +596,9 @@ def dw_bias_kernel(
     run together), layer, row range s = whole BK-row steps [s * nsteps // split, (s + 1) * nsteps // split).
     Per step: a = DZ tile [BK, HALF], b = H tile [BK, WIDTH] (TMA), acc += a^T @ b on the tensor cores, and
     the column sums as sacc += a^T @ ones[BK, 16] (exact bf16 ones, float32 accumulation, no register copy
-    of a). INTERP_F32: under TRITON_INTERPRET=1 only, whose bf16 tl.dot is wrong (triton 3.6), the
-    operands are widened to float32 first (exact)."""
+    of a). INTERPRETED (under TRITON_INTERPRET=1 only): the steps run in a while loop, as triton 3.6's
+    interpreter cannot take a range() whose bounds are run-time values under numpy 2, and `_dw_step`
+    widens the operands to float32."""
     m = tl.program_id(0)
     lay = tl.program_id(1)
     s = tl.program_id(2)
@@ -592,17 +609,14 @@ def dw_bias_kernel(
     acc = tl.zeros([HALF, WIDTH], dtype=tl.float32)
     sacc = tl.zeros([HALF, 16], dtype=tl.float32)
     ones = tl.full([BK, 16], 1.0, tl.float32).to(tl.bfloat16)
-    for k in range(0, k1 - k0, BK):
-        a = dz_desc.load([dz_row + k, m * HALF])
-        b = h_desc.load([h_row + k, 0])
-        if INTERP_F32:
-            at = tl.trans(a.to(tl.float32))
-            acc = tl.dot(at, b.to(tl.float32), acc, input_precision='ieee')
-            sacc = tl.dot(at, ones.to(tl.float32), sacc, input_precision='ieee')
-        else:
-            at = tl.trans(a)
-            acc = tl.dot(at, b, acc)
-            sacc = tl.dot(at, ones, sacc)
+    if INTERPRETED:
+        k = 0
+        while k < k1 - k0:
+            acc, sacc = _dw_step(dz_desc, h_desc, dz_row + k, h_row + k, m * HALF, acc, sacc, ones, True)
+            k += BK
+    else:
+        for k in range(0, k1 - k0, BK):  # (a for loop: the pipeliner keeps the loads STAGES - 1 steps ahead)
+            acc, sacc = _dw_step(dz_desc, h_desc, dz_row + k, h_row + k, m * HALF, acc, sacc, ones, False)
     db = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], sacc, 0.0), axis=1)  # 16 equal columns: the first
     part = s * 8 + lay
     ri = m * HALF + tl.arange(0, HALF)
@@ -703,7 +717,7 @@ def weight_grads_blocks(H, DZ):
     half = WIDTH // 2
     dw_bias_kernel[(2, 8, split)](
         TlDescriptor.from_tensor(H, [DW_BK, WIDTH]), TlDescriptor.from_tensor(DZ, [DW_BK, half]), dw, db,
-        npad, nsteps, split, BK=DW_BK, HALF=half, WIDTH=WIDTH, INTERP_F32=_interpreted(), num_warps=NUM_WARPS,
+        npad, nsteps, split, BK=DW_BK, HALF=half, WIDTH=WIDTH, INTERPRETED=_interpreted(), num_warps=NUM_WARPS,
         num_stages=DW_STAGES,
     )  # fmt: skip
     return dw.sum(0), db.sum(0)
@@ -761,7 +775,7 @@ def _compile_dw_offline(target):
         'h_desc': f'tensordesc<bf16[{DW_BK}, {WIDTH}]>', 'dz_desc': f'tensordesc<bf16[{DW_BK}, {half}]>',
         'dw_ptr': '*fp32', 'db_ptr': '*fp32', 'npad': 'i32', 'nsteps': 'i32', 'split': 'i32',
     }  # fmt: skip
-    consts = dict(BK=DW_BK, HALF=half, WIDTH=WIDTH, INTERP_F32=False)
+    consts = dict(BK=DW_BK, HALF=half, WIDTH=WIDTH, INTERPRETED=False)
     sig.update({k: 'constexpr' for k in consts})
     names = list(dw_bias_kernel.arg_names)
     # as the launcher specializes them at the real sizes: pointers 16-byte aligned, npad and nsteps multiples of 16

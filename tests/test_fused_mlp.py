@@ -113,11 +113,6 @@ def test_weight_gradients_split_over_rows_sum_to_the_whole():
         assert (fused_mlp._tn(a, b, split=split) - whole).abs().max() < 0.01 * whole.abs().max()
 
 
-@pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="on a GPU the kernel itself runs (test_kernels_match_the_mlp_and_its_gradients); the GPU image's Triton "
-    'build cannot interpret loop bounds that depend on the program id',
-)
 def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
     """`fused_kernels.weight_grads_blocks` in Triton's interpreter (CPU), and `fused_mlp.blocks_grads`, against
     float64: 9 tiles of rows (18 steps over 8 row ranges, so they differ in length), zero rows past n, every
