@@ -3,7 +3,8 @@
 On any machine: the weight packing, both chunk schedules and the gradient GEMMs (`fused_mlp.emulate`,
 plain PyTorch) against the float32 MLP and autograd, with the bf16-autocast error as the yardstick;
 the shapes they take; the one-line fallback; and (where Triton with Gluon is installed) that the
-kernels compile for sm_90a. On a Hopper GPU: the kernels themselves, the same way, and whole images."""
+kernels compile for sm_90a, and the weight-gradient kernel in Triton's interpreter against float64. On a
+Hopper GPU: the kernels themselves, the same way, and whole images."""
 
 import os
 import subprocess
