@@ -201,15 +201,12 @@ def _tn(a, b, split=SPLIT_K):
 def blocks_grads(H, DZ):
     """The weight and bias gradients of blocks 1..8 (trunk layers 1..7, the bottleneck), in plain torch:
     H, DZ `[9 * Npad, 256]` bf16 (DZ's rows n.. zero) -> dW `[8, 256, 256]` float32, dW[l - 1] =
-    DZ3[l]^T @ H3[l - 1] (one batched GEMM, the rows in `_pieces`, each piece rounded to bf16 before
-    the float32 sum), and db `[8, 256]` float32, db[l - 1] = DZ3[l].sum(0). On the GPU
+    DZ3[l]^T @ H3[l - 1] (`_tn`), and db `[8, 256]` float32, db[l - 1] = DZ3[l].sum(0). On the GPU
     `fused_kernels.weight_grads_blocks` does both in one kernel."""
     npad = H.shape[0] // NSAVE
     H3, DZ3 = H.view(NSAVE, npad, WIDTH), DZ.view(NSAVE, npad, WIDTH)
-    p = _pieces(npad)
-    r = npad // p
-    dW = torch.bmm(DZ3[1:9].reshape(8 * p, r, WIDTH).transpose(1, 2), H3[0:8].reshape(8 * p, r, WIDTH))
-    return dW.view(8, p, WIDTH, WIDTH).sum(1, dtype=torch.float32), DZ3[1:9].sum(1, dtype=torch.float32)
+    dW = torch.stack([_tn(DZ3[i + 1], H3[i]) for i in range(8)])
+    return dW, DZ3[1:9].sum(1, dtype=torch.float32)
 
 
 def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, blocks=blocks_grads):
