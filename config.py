@@ -230,7 +230,12 @@ def build_parser():
     )
     cli.add_bool(g, '--randomized', True, 'stratified jitter and density noise in training')
     cli.add_bool(g, '--disable_multiscale_loss', False, 'ignore lossmult')
-    flag('--max_minutes', type=float, default=0.0, help='stop after this many minutes of training (0: no limit)')
+    flag(
+        '--max_minutes',
+        type=float,
+        default=0.0,
+        help="stop after this many minutes of training, counted over the run's resumes (0: no limit)",
+    )
     flag('--seed', type=int, default=0, help='random seed')
 
     g = p.add_argument_group('device and speed')

@@ -228,6 +228,7 @@ def checkpoint(state, rank_states=None):
         'model': state.model.state_dict(),
         'optimizer': state.optimizer.state_dict(),
         'schedule': state.schedule.state_dict(),
+        'train_seconds': state.train_seconds(),  # --max_minutes counts on from it after a resume
     }
     if rank_states is not None:
         c.update(

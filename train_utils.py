@@ -61,10 +61,13 @@ class TrainState:
     evaluated_at: int = None
     t_start: float = dataclasses.field(default_factory=time.time)
     eval_seconds: float = 0.0  # time spent rendering previews and evaluating
+    resumed_seconds: float = 0.0  # training time before this process, from the resumed checkpoint
     window: list = dataclasses.field(default_factory=lambda: [time.time(), 0.0, 0])  # start, PSNR sum, steps
 
-    def train_seconds(self):
-        return time.time() - self.t_start - self.eval_seconds
+    def train_seconds(self, now=None):
+        """Seconds of training in the run so far, over its resumes (what --max_minutes counts): the
+        loop's time in this process, less previews and evaluations, plus the resumed checkpoint's."""
+        return self.resumed_seconds + (now or time.time()) - self.t_start - self.eval_seconds
 
 
 # ----------------------------------------------------------------------------
@@ -251,6 +254,7 @@ def resume(state):
             os.replace(path, path + '.skipped')
             print(f'--resume: kept {path} as {os.path.basename(path)}.skipped')
     runs.restore(state, ckpt, with_rng=True)
+    state.resumed_seconds = ckpt.get('train_seconds', 0.0)  # (a rollback keeps the clock running: not in restore)
     if state.step >= cfg.max_steps:
         if state.main:
             print(
@@ -461,9 +465,9 @@ def evaluate(state, eval_views):
                 {
                     'step': step,
                     'psnr': psnr,
-                    'views': len(indices),  # seconds since start
-                    'wall_seconds': round(time.time() - state.t_start, 1),
-                    'train_seconds': round(t - state.t_start - state.eval_seconds, 1),
+                    'views': len(indices),
+                    'wall_seconds': round(time.time() - state.t_start, 1),  # this process's
+                    'train_seconds': round(state.train_seconds(t), 1),  # the run's, over its resumes
                 }
             ),
         )

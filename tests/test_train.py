@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,6 +99,28 @@ def test_resume_continues_the_schedule_and_is_exact_on_cpu(tiny_demo, tmp_path):
     assert b['optimizer']['param_groups'][0]['lr'] == pytest.approx(learning_rate(40, 5e-3, 5e-4, 40, 10, 0.01))
     # The earlier event file is kept: logs are appended, never deleted.
     assert set(events_before) < set(glob.glob(str(split / 'events.out.tfevents.*')))
+
+
+def test_max_minutes_counts_the_training_time_before_a_resume(tiny_demo, tmp_path, capsys):
+    """The checkpoint carries the run's training seconds; a resume whose --max_minutes they already
+    exceed trains no step (the clock does not restart), evaluates and saves."""
+    log = tmp_path / 'run'
+    t = time.time()
+    train.main(train_args(tiny_demo, log, '--max_steps', '5', '--eval_every', '5'))
+    wall = time.time() - t
+    spent = torch.load(log / 'ckpt_0000005.pt', weights_only=False)['train_seconds']
+    assert 0 < spent < wall
+    assert read_eval(log)[-1]['train_seconds'] == pytest.approx(spent, abs=0.1)  # evaluated at the end, before saving
+    capsys.readouterr()
+    train.main(
+        train_args(
+            tiny_demo, log, '--max_steps', '1000', '--eval_every', '5', '--resume', '--max_minutes', f'{spent / 2 / 60}'
+        )
+    )
+    assert f'--max_minutes {spent / 2 / 60:g} reached at step 5' in capsys.readouterr().out
+    ckpt = torch.load(log / 'ckpt_0000005.pt', weights_only=False)
+    assert [os.path.basename(p) for p in glob.glob(str(log / 'ckpt_*.pt'))] == ['ckpt_0000005.pt']
+    assert ckpt['step'] == 5 and ckpt['train_seconds'] >= spent
 
 
 def run_train(*args):
