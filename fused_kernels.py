@@ -203,6 +203,24 @@ def _view_rgb_heads(acc_v, per_ray_ptr, params_ptr, rgb_ptr, v_ptr, rows_v, N, S
         gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
 
 
+@gluon.jit
+def _prefetch_weights(w_desc, wv_desc, w_ring, ready, STAGES: gl.constexpr, VIEW_C0: gl.constexpr):
+    """The forward kernels' prologue: the first STAGES - 1 weight chunks into the ring."""
+    for c in gl.static_range(STAGES - 1):
+        _issue_chunk(c, c, w_desc, wv_desc, w_ring, ready, True, STAGES, VIEW_C0)
+
+
+@gluon.jit
+def _tile_indices(mma: gl.constexpr, mma_v: gl.constexpr, BM: gl.constexpr, WIDTH: gl.constexpr,
+                  VIEW: gl.constexpr):
+    """Row and column indices of a tile in the trunk's (mma) and the view layer's (mma_v) layouts."""
+    rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+    rows_lv = gl.arange(0, BM, layout=gl.SliceLayout(1, mma_v))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, mma))
+    cols_v = gl.arange(0, VIEW, layout=gl.SliceLayout(0, mma_v))
+    return rows_l, rows_lv, cols, cols_v
+
+
 # ==============================================================================================
 # Forward for inference (nothing saved)
 # ==============================================================================================
@@ -233,13 +251,8 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
     mbarrier.expect(x_bar.index(0), 2 * x_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(x_desc, [pid * BM, 0], x_bar.index(0), x_smem.index(0))
     tma.async_copy_global_to_shared(x_desc, [pid * BM, KC], x_bar.index(0), x_smem.index(1))
-    for c in gl.static_range(STAGES - 1):
-        _issue_chunk(c, c, w_desc, wv_desc, w_ring, ready, True, STAGES, VIEW_C0)
-
-    rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-    rows_lv = gl.arange(0, BM, layout=gl.SliceLayout(1, mma_v))
-    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, mma))
-    cols_v = gl.arange(0, VIEW, layout=gl.SliceLayout(0, mma_v))
+    _prefetch_weights(w_desc, wv_desc, w_ring, ready, STAGES, VIEW_C0)
+    rows_l, rows_lv, cols, cols_v = _tile_indices(mma, mma_v, BM, WIDTH, VIEW)
 
     it = 0
     for tile in range(pid, num_tiles, nprog):
@@ -352,13 +365,8 @@ def mlp_fwd_save_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr
     nprog = gl.num_programs(0)
     # x of the first tile into hb[0] (it = 0: h_0 goes there); two x loads per tile: phases 0 then 1
     _load_x_into(x_desc, x_bar, hb.index(0), pid * BM, True)
-    for c in gl.static_range(STAGES - 1):
-        _issue_chunk(c, c, w_desc, wv_desc, w_ring, ready, True, STAGES, VIEW_C0)
-
-    rows_l = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-    rows_lv = gl.arange(0, BM, layout=gl.SliceLayout(1, mma_v))
-    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, mma))
-    cols_v = gl.arange(0, VIEW, layout=gl.SliceLayout(0, mma_v))
+    _prefetch_weights(w_desc, wv_desc, w_ring, ready, STAGES, VIEW_C0)
+    rows_l, rows_lv, cols, cols_v = _tile_indices(mma, mma_v, BM, WIDTH, VIEW)
 
     it = 0
     for tile in range(pid, num_tiles, nprog):
