@@ -6,6 +6,7 @@ the shapes they take; the one-line fallback; and (where Triton with Gluon is ins
 kernels compile for sm_90a, and the weight-gradient kernel in Triton's interpreter against float64. On a
 Hopper GPU: the kernels themselves, the same way, and whole images."""
 
+import math
 import os
 import subprocess
 import sys
@@ -141,6 +142,39 @@ def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
             assert got.dtype == torch.float32 and got.shape == ref.shape
             err = (got.double() - ref).abs().amax((1, 2) if got.dim() == 3 else 1)
             assert (err <= tol * ref.abs().amax((1, 2) if ref.dim() == 3 else 1)).all(), (tol, err)
+
+
+def test_the_ipe_kernel_reduces_large_arguments_exactly(tmp_path):
+    """`fused_kernels.integrated_pos_enc` in Triton's interpreter (CPU) against float64, with means up to
+    the range its argument reduction keeps exact (|mean| < 12 at 16 degrees, arguments to 3.9e5 radians)
+    and variances from none to damping every degree: within the bf16 rounding of values in [-1, 1]. Its
+    sm_90a build takes the GPU's sin.approx and cos.approx (the GPU test compares those)."""
+    pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
+    import fused_kernels
+
+    ptx = fused_kernels.compile_offline('ipe').asm['ptx']
+    assert 'sin.approx.f32' in ptx and 'cos.approx.f32' in ptx
+    g = torch.Generator().manual_seed(0)
+    mean = (torch.rand(700, 3, generator=g) * 2 - 1) * torch.logspace(-3, math.log10(11.9), 700)[:, None]
+    var = torch.rand(700, 3, generator=g) * torch.logspace(-12, 0, 700)[torch.randperm(700, generator=g)][:, None]
+    torch.save((mean, var), tmp_path / 'in.pt')
+    code = (
+        'import sys, torch, fused_kernels; m, v = torch.load(sys.argv[1]); '
+        'torch.save(fused_kernels.integrated_pos_enc(m, v, 0, 16), sys.argv[2])'
+    )
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'in.pt'), str(tmp_path / 'out.pt')],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = torch.load(tmp_path / 'out.pt')
+    y = mean.double()[:, None, :] * 2.0 ** torch.arange(16, dtype=torch.float64)[:, None]
+    damp = torch.exp(-0.5 * var.double()[:, None, :] * 4.0 ** torch.arange(16, dtype=torch.float64)[:, None])
+    ref = torch.cat([(damp * torch.sin(y)).reshape(700, -1), (damp * torch.cos(y)).reshape(700, -1)], -1)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape and y.abs().max() > 3e5
+    assert (got.double() - ref).abs().max() <= 2**-8
+    # The interpreter casts to bf16 by truncation (the GPU rounds): compare with the truncated float64 values.
+    truncated = (ref.float().view(torch.int32) & ~0xFFFF).view(torch.float32).double()
+    assert (got.double() != truncated).double().mean() < 0.01
 
 
 def test_supported_shapes():
