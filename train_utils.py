@@ -67,7 +67,7 @@ class TrainState:
     def train_seconds(self, now=None):
         """Seconds of training in the run so far, over its resumes (what --max_minutes counts): the
         loop's time in this process, less previews and evaluations, plus the resumed checkpoint's."""
-        return self.resumed_seconds + (now or time.time()) - self.t_start - self.eval_seconds
+        return self.resumed_seconds + (time.time() if now is None else now) - self.t_start - self.eval_seconds
 
 
 # ----------------------------------------------------------------------------
@@ -519,7 +519,9 @@ def finish(state, signals, signalled, out_of_time):
     if out_of_time and main and not signalled:
         print(f'--max_minutes {cfg.max_minutes:g} reached at step {step}')
     if main and not signalled and cfg.eval_every and state.evaluated_at != step:  # the end: all test views
+        t = time.time()
         interruptible(signals, evaluate, state, 0)
+        state.eval_seconds += time.time() - t  # not training time (the final checkpoint's train_seconds)
     if signalled or signals.signum is not None:
         saved = state.saved_at == step or save(state)
         stop = signals.stopped()

@@ -115,6 +115,18 @@ def test_weight_gradients_split_over_rows_sum_to_the_whole():
         assert (fused_mlp._tn(a, b, split=split) - whole).abs().max() < 0.01 * whole.abs().max()
 
 
+def interpreted(name, args, tmp_path):
+    """`fused_kernels.<name>(*args)` run in Triton's interpreter on the CPU, in a subprocess (the variable
+    is read when Triton is imported)."""
+    torch.save(args, tmp_path / 'in.pt')
+    code = f'import sys, torch, fused_kernels; torch.save(fused_kernels.{name}(*torch.load(sys.argv[1])), sys.argv[2])'
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'in.pt'), str(tmp_path / 'out.pt')],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return torch.load(tmp_path / 'out.pt')
+
+
 def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
     """`fused_kernels.weight_grads_blocks` in Triton's interpreter (CPU), and `fused_mlp.blocks_grads`, against
     float64: 9 tiles of rows (18 steps over 8 row ranges, so they differ in length), zero rows past n, every
@@ -126,18 +138,10 @@ def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
     DZ = (torch.randn(9, npad, W, generator=g) * torch.arange(1.0, 10.0).view(9, 1, 1) * 1e-3).to(torch.bfloat16)
     DZ[:, n:] = 0
     DZ = DZ.view(9 * npad, W)
-    torch.save((H, DZ), tmp_path / 'in.pt')
-    code = (
-        'import sys, torch, fused_kernels; H, DZ = torch.load(sys.argv[1]); '
-        'torch.save(fused_kernels.weight_grads_blocks(H, DZ), sys.argv[2])'
-    )
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'in.pt'), str(tmp_path / 'out.pt')],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    got = interpreted('weight_grads_blocks', (H, DZ), tmp_path)
     H3, DZ3 = H.double().view(9, npad, W), DZ.double().view(9, npad, W)
     want = (DZ3[1:9].transpose(1, 2) @ H3[0:8], DZ3[1:9, :n].sum(1))
-    for (dw, db), tol in ((torch.load(tmp_path / 'out.pt'), 1e-5), (fused_mlp.blocks_grads(H, DZ), 1e-2)):
+    for (dw, db), tol in ((got, 1e-5), (fused_mlp.blocks_grads(H, DZ), 1e-2)):
         for got, ref in zip((dw, db), want):
             assert got.dtype == torch.float32 and got.shape == ref.shape
             err = (got.double() - ref).abs().amax((1, 2) if got.dim() == 3 else 1)
@@ -157,16 +161,7 @@ def test_the_ipe_kernel_reduces_large_arguments_exactly(tmp_path):
     g = torch.Generator().manual_seed(0)
     mean = (torch.rand(700, 3, generator=g) * 2 - 1) * torch.logspace(-3, math.log10(11.9), 700)[:, None]
     var = torch.rand(700, 3, generator=g) * torch.logspace(-12, 0, 700)[torch.randperm(700, generator=g)][:, None]
-    torch.save((mean, var), tmp_path / 'in.pt')
-    code = (
-        'import sys, torch, fused_kernels; m, v = torch.load(sys.argv[1]); '
-        'torch.save(fused_kernels.integrated_pos_enc(m, v, 0, 16), sys.argv[2])'
-    )
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'in.pt'), str(tmp_path / 'out.pt')],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = torch.load(tmp_path / 'out.pt')
+    got = interpreted('integrated_pos_enc', (mean, var, 0, 16), tmp_path)
     y = mean.double()[:, None, :] * 2.0 ** torch.arange(16, dtype=torch.float64)[:, None]
     damp = torch.exp(-0.5 * var.double()[:, None, :] * 4.0 ** torch.arange(16, dtype=torch.float64)[:, None])
     ref = torch.cat([(damp * torch.sin(y)).reshape(700, -1), (damp * torch.cos(y)).reshape(700, -1)], -1)
