@@ -40,6 +40,7 @@ mbarrier per slot and phase = position // slots & 1, the persistent loop); API n
 3.6.0's triton.experimental.gluon.
 """
 
+import functools
 import os
 
 import torch
@@ -202,6 +203,22 @@ def _view_rgb_heads(acc_v, per_ray_ptr, params_ptr, rgb_ptr, v_ptr, rows_v, N, S
         gl.store(rgb_ptr + rows_v * 3 + c, rc, mask=out_mask)
 
 
+@triton.constexpr_function
+def _mma_layout(n):
+    """The wgmma accumulator layout of the kernels (8 warps) for an output n columns wide."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _weight_ring(w_desc, STAGES: gl.constexpr, WIDTH: gl.constexpr, KC: gl.constexpr):
+    """The forward kernels' weight ring in shared memory, its barriers and x's barrier, initialized."""
+    w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    x_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    _barriers(ready, x_bar, STAGES, True)
+    return w_ring, ready, x_bar
+
+
 @gluon.jit
 def _prefetch_weights(w_desc, wv_desc, w_ring, ready, STAGES: gl.constexpr, VIEW_C0: gl.constexpr):
     """The forward kernels' prologue: the first STAGES - 1 weight chunks into the ring."""
@@ -232,17 +249,12 @@ def mlp_fwd_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr, rgb
                          P_BD: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 8)
     gl.static_assert(BM == 128)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                  instr_shape=[16, WIDTH, 16])
-    mma_v: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                    instr_shape=[16, VIEW, 16])
+    mma: gl.constexpr = _mma_layout(WIDTH)
+    mma_v: gl.constexpr = _mma_layout(VIEW)
 
     h_smem = gl.allocate_shared_memory(gl.bfloat16, [BM, WIDTH], h_desc.layout)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BM, KC], x_desc.layout)
-    w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    x_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    _barriers(ready, x_bar, STAGES, True)
+    w_ring, ready, x_bar = _weight_ring(w_desc, STAGES, WIDTH, KC)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -349,16 +361,11 @@ def mlp_fwd_save_kernel(x_desc, w_desc, wv_desc, h_desc, params_ptr, per_ray_ptr
     gl.static_assert(num_warps == 8)
     gl.static_assert(BM == 128)
     gl.static_assert(KC == 64)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                  instr_shape=[16, WIDTH, 16])
-    mma_v: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                    instr_shape=[16, VIEW, 16])
+    mma: gl.constexpr = _mma_layout(WIDTH)
+    mma_v: gl.constexpr = _mma_layout(VIEW)
 
     hb = gl.allocate_shared_memory(gl.bfloat16, [2, BM, WIDTH], h_desc.layout)
-    w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    x_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    _barriers(ready, x_bar, STAGES, True)
+    w_ring, ready, x_bar = _weight_ring(w_desc, STAGES, WIDTH, KC)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -489,8 +496,7 @@ def mlp_bwd_kernel(wt_desc, h_desc, dz_desc, params_ptr, v_ptr, drgb_ptr, ddens_
     gl.static_assert(num_warps == 8)
     gl.static_assert(BM == 128)
     gl.static_assert(TOTAL == 34)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                  instr_shape=[16, WIDTH, 16])
+    mma: gl.constexpr = _mma_layout(WIDTH)
     a_smem = gl.allocate_shared_memory(gl.bfloat16, [BM, WIDTH], dz_desc.layout)  # A operand: dz
     m_smem = gl.allocate_shared_memory(gl.bfloat16, [BM, WIDTH], h_desc.layout)  # mask tile h_{l-1}
     w_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, WIDTH, KC], wt_desc.layout)
@@ -631,6 +637,7 @@ def dw_bias_kernel(
     tl.store(db_ptr + part * WIDTH + ri, db)
 
 
+@functools.cache  # (asked by every forward and backward call of a step)
 def _layouts():
     w = gl.NVMMASharedLayout.get_default_for([WIDTH, KC], gl.bfloat16)
     # the same 128-byte swizzle: a [128, 64] box of the view weight lands bit-identical to the first half of a slot
