@@ -30,8 +30,9 @@ torch.compile'd bf16 MLP.
   in shared memory and is TMA-stored to DZ [9 * Npad, 256] (the bottleneck's at block 8), dz_view to
   DV. The mask tile h_{l-1} is TMA-loaded from H one product ahead into a second buffer. No
   gradient for x or cond: they come from data.
-- `dw_bias_kernel` (plain Triton): the weight gradients of blocks 1..8 as dz^T @ h over all rows, split
-  into row ranges, with the bias column sums from the same reads of DZ (`weight_grads_blocks`).
+- `dw_bias_kernel` (plain Triton): the weight gradients as dz^T @ input over all rows, split into row
+  ranges, with the bias column sums from the same reads of dz (`tn_sums`): blocks 1..8 in one launch,
+  dz_0 and dz_5 against x in another, the view layer's dv against the bottleneck in a third.
 - `ipe_kernel`: `ray_utils.integrated_pos_enc` straight to bf16 in one pass.
 
 Patterns from the Triton Gluon tutorials 05-wgmma.py (layouts, async wgmma and its wait, K-major B
@@ -73,16 +74,17 @@ from fused_mlp import (
     VIEW,
     VIEW_C0,
     WIDTH,
+    XK,
 )
 
 # Weight ring depths. Forward: 4 slots (229,416 B of shared memory; 2.05 ms per 1M rows on an H100
 # against 2.30 with 3), 3 when saving (two h buffers + ring, 229,416 B). Backward: 3 (A + mask +
 # ring, 229,416 B).
 FWD_STAGES, FWD_SAVE_STAGES, BWD_STAGES = 4, 3, 3
-# Weight gradients of blocks 1..8 (`dw_bias_kernel`): 64-row steps, 3 stages (149,528 B), 8 row ranges
-# (128 CTAs, one wave). H100, 4,096 x 128 rows: 1.592 ms; 16 or 33 ranges, 4 stages, 32-row steps,
-# register bias sums and pointer loads were all within 0.11 ms of it, none faster.
-DW_BK, DW_STAGES, DW_SPLIT = 64, 3, 8
+# Weight gradients (`dw_bias_kernel`): 64-row steps, 3 stages (149,528 B), row ranges for about 128 CTAs
+# (one wave; blocks 1..8: 8 ranges). H100, blocks 1..8 over 4,096 x 128 rows: 1.592 ms; 16 or 33 ranges,
+# 4 stages, 32-row steps, register bias sums and pointer loads were all within 0.11 ms of it, none faster.
+DW_BK, DW_STAGES, DW_CTAS = 64, 3, 128
 
 
 # fmt: off
@@ -573,10 +575,10 @@ def mlp_bwd_kernel(wt_desc, h_desc, dz_desc, params_ptr, v_ptr, drgb_ptr, ddens_
 
 
 @triton.jit
-def _dw_step(dz_desc, h_desc, dz_row, h_row, col, acc, sacc, ones, INTERPRETED: tl.constexpr):
+def _dw_step(a_desc, b_desc, a_row, b_row, col, acc, sacc, ones, INTERPRETED: tl.constexpr):
     """One BK-row step of `dw_bias_kernel`: acc += a^T @ b, sacc += a^T @ ones."""
-    a = dz_desc.load([dz_row, col])  # [BK, HALF]
-    b = h_desc.load([h_row, 0])  # [BK, WIDTH]
+    a = a_desc.load([a_row, col])  # [BK, HALF]
+    b = b_desc.load([b_row, 0])  # [BK, KW]
     if INTERPRETED:  # triton 3.6's interpreter gets bf16 tl.dot wrong: widen first (exact)
         at = tl.trans(a.to(tl.float32))
         acc = tl.dot(at, b.to(tl.float32), acc, input_precision='ieee')
@@ -590,51 +592,56 @@ def _dw_step(dz_desc, h_desc, dz_row, h_row, col, acc, sacc, ones, INTERPRETED: 
 
 @triton.jit
 def dw_bias_kernel(
-    h_desc,
-    dz_desc,
+    a_desc,
+    b_desc,
     dw_ptr,
     db_ptr,
-    npad,
+    a_base,
+    a_step,
+    b_base,
+    b_step,
     nsteps,
     split,
     BK: tl.constexpr,
     HALF: tl.constexpr,
-    WIDTH: tl.constexpr,
+    KW: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    """Partial weight and bias gradients of blocks 1..8 over one row range, reading each DZ and H block once:
-    dw[s, l - 1] = DZ3[l, rows]^T @ H3[l - 1, rows] `[WIDTH, WIDTH]`, db[s, l - 1] = DZ3[l, rows].sum(0).
+    """Partial transposed products and column sums over one row range, reading each A tile once (`tn_sums`):
+    job j's a = A[a_base + j * a_step + rows], b = B[b_base + j * b_step + rows];
+    dw[s, j] = a^T @ b `[M, KW]`, db[s, j] = a.sum(0) `[M]` (M = programs along axis 0 x HALF).
 
-    Grid (2, 8, split): which HALF of the dz features (fastest, so the two CTAs reading the same H rows
-    run together), layer, row range s = whole BK-row steps [s * nsteps // split, (s + 1) * nsteps // split).
-    Per step: a = DZ tile [BK, HALF], b = H tile [BK, WIDTH] (TMA), acc += a^T @ b on the tensor cores, and
-    the column sums as sacc += a^T @ ones[BK, 16] (exact bf16 ones, float32 accumulation, no register copy
-    of a). INTERPRETED (under TRITON_INTERPRET=1 only): the steps run in a while loop, as triton 3.6's
-    interpreter cannot take a range() whose bounds are run-time values under numpy 2, and `_dw_step`
-    widens the operands to float32."""
+    Grid (M / HALF, jobs, split): which HALF of a's features (fastest, so the CTAs reading the same b rows
+    run together), job, row range s = whole BK-row steps [s * nsteps // split, (s + 1) * nsteps // split).
+    Per step: a tile [BK, HALF], b tile [BK, KW] (TMA; b's columns past its width and rows past its end
+    zero-filled), acc += a^T @ b on the tensor cores, and the column sums as sacc += a^T @ ones[BK, 16]
+    (exact bf16 ones, float32 accumulation, no register copy of a). INTERPRETED (under TRITON_INTERPRET=1
+    only): the steps run in a while loop, as triton 3.6's interpreter cannot take a range() whose bounds
+    are run-time values under numpy 2, and `_dw_step` widens the operands to float32."""
     m = tl.program_id(0)
-    lay = tl.program_id(1)
+    job = tl.program_id(1)
     s = tl.program_id(2)
     k0 = (s * nsteps // split) * BK
     k1 = ((s + 1) * nsteps // split) * BK
-    dz_row = (lay + 1) * npad + k0
-    h_row = lay * npad + k0
-    acc = tl.zeros([HALF, WIDTH], dtype=tl.float32)
+    a_row = a_base + job * a_step + k0
+    b_row = b_base + job * b_step + k0
+    acc = tl.zeros([HALF, KW], dtype=tl.float32)
     sacc = tl.zeros([HALF, 16], dtype=tl.float32)
     ones = tl.full([BK, 16], 1.0, tl.float32).to(tl.bfloat16)
     if INTERPRETED:
         k = 0
         while k < k1 - k0:
-            acc, sacc = _dw_step(dz_desc, h_desc, dz_row + k, h_row + k, m * HALF, acc, sacc, ones, True)
+            acc, sacc = _dw_step(a_desc, b_desc, a_row + k, b_row + k, m * HALF, acc, sacc, ones, True)
             k += BK
     else:
         for k in range(0, k1 - k0, BK):  # (a for loop: the pipeliner keeps the loads STAGES - 1 steps ahead)
-            acc, sacc = _dw_step(dz_desc, h_desc, dz_row + k, h_row + k, m * HALF, acc, sacc, ones, False)
+            acc, sacc = _dw_step(a_desc, b_desc, a_row + k, b_row + k, m * HALF, acc, sacc, ones, False)
     db = tl.sum(tl.where((tl.arange(0, 16) == 0)[None, :], sacc, 0.0), axis=1)  # 16 equal columns: the first
-    part = s * 8 + lay
+    M = tl.num_programs(0) * HALF
+    part = s * tl.num_programs(1) + job
     ri = m * HALF + tl.arange(0, HALF)
-    tl.store(dw_ptr + (part * WIDTH + ri).to(tl.int64)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :], acc)
-    tl.store(db_ptr + part * WIDTH + ri, db)
+    tl.store(dw_ptr + (part * M + ri).to(tl.int64)[:, None] * KW + tl.arange(0, KW)[None, :], acc)
+    tl.store(db_ptr + part * M + ri, db)
 
 
 @functools.cache  # (asked by every forward and backward call of a step)
@@ -716,24 +723,32 @@ def backward(pk, H, V, d_rgb, d_density, n):
     return DZ, DV
 
 
-def weight_grads_blocks(H, DZ):
-    """The weight and bias gradients of blocks 1..8 (trunk layers 1..7 and the bottleneck) in one kernel:
-    H, DZ `[9 * Npad, 256]` bf16 contiguous (Npad a multiple of 64; DZ's rows n.. zero) ->
-    dW `[8, 256, 256]` float32 with dW[l - 1] = DZ3[l]^T @ H3[l - 1] (bf16 products, float32 sums
-    throughout) and db `[8, 256]` float32 with db[l - 1] = DZ3[l].sum(0). Split-K over DW_SPLIT row ranges,
-    the partials summed here (`fused_mlp.blocks_grads` is the plain torch way, which reads DZ twice)."""
-    npad = H.shape[0] // NSAVE
-    nsteps = npad // DW_BK
-    split = min(DW_SPLIT, nsteps)
-    dw = torch.empty(split, 8, WIDTH, WIDTH, device=H.device, dtype=torch.float32)
-    db = torch.empty(split, 8, WIDTH, device=H.device, dtype=torch.float32)
-    half = WIDTH // 2
-    dw_bias_kernel[(2, 8, split)](
-        TlDescriptor.from_tensor(H, [DW_BK, WIDTH]), TlDescriptor.from_tensor(DZ, [DW_BK, half]), dw, db,
-        npad, nsteps, split, BK=DW_BK, HALF=half, WIDTH=WIDTH, INTERPRETED=_interpreted(), num_warps=NUM_WARPS,
-        num_stages=DW_STAGES,
+def _progression(rows):
+    """(first, step) of an arithmetic progression of row offsets."""
+    step = rows[1] - rows[0] if len(rows) > 1 else 0
+    assert all(r == rows[0] + j * step for j, r in enumerate(rows)), rows
+    return rows[0], step
+
+
+def tn_sums(A, B, a_rows, b_rows, rows):
+    """`fused_mlp.tn_sums` in one kernel (the same contract, each a read once): A `[*, M]`, B `[*, K]` bf16
+    contiguous (M a multiple of 128 or at most 128; K at most 256; rows a multiple of DW_BK; a_rows and
+    b_rows arithmetic progressions) -> dW `[jobs, M, K]`, db `[jobs, M]` float32. Split-K over row ranges
+    (about DW_CTAS programs in all), the partials summed here."""
+    M, K = A.shape[1], B.shape[1]
+    half = min(M, 2 * KC)
+    kw = triton.next_power_of_2(K)
+    jobs = len(a_rows)
+    nsteps = rows // DW_BK
+    split = max(1, min(nsteps, DW_CTAS // (M // half * jobs)))
+    dw = torch.empty(split, jobs, M, kw, device=A.device, dtype=torch.float32)
+    db = torch.empty(split, jobs, M, device=A.device, dtype=torch.float32)
+    dw_bias_kernel[(M // half, jobs, split)](
+        TlDescriptor.from_tensor(A, [DW_BK, half]), TlDescriptor.from_tensor(B, [DW_BK, kw]), dw, db,
+        *_progression(a_rows), *_progression(b_rows), nsteps, split, BK=DW_BK, HALF=half, KW=kw,
+        INTERPRETED=_interpreted(), num_warps=NUM_WARPS, num_stages=DW_STAGES,
     )  # fmt: skip
-    return dw.sum(0), db.sum(0)
+    return dw.sum(0)[..., :K], db.sum(0)
 
 
 def _interpreted():
@@ -742,13 +757,13 @@ def _interpreted():
 
 def compile_offline(which='fwd', save=False, arch=90):
     """Compile `mlp_fwd_kernel` ('fwd'), `mlp_fwd_save_kernel` ('fwd' with `save`), `mlp_bwd_kernel`
-    ('bwd'), `dw_bias_kernel` ('dw') or `ipe_kernel` ('ipe', 16 degrees) for sm_{arch}a without a GPU
-    (Triton bundles ptxas); returns the CompiledKernel."""
+    ('bwd'), `dw_bias_kernel` ('dw': against 256-wide h; 'dwx': against x, 128 wide) or `ipe_kernel`
+    ('ipe', 16 degrees) for sm_{arch}a without a GPU (Triton bundles ptxas); returns the CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    if which == 'dw':
-        return _compile_dw_offline(GPUTarget('cuda', arch, 32))
+    if which in ('dw', 'dwx'):
+        return _compile_dw_offline(GPUTarget('cuda', arch, 32), WIDTH if which == 'dw' else XK)
     if which == 'ipe':
         sig = {'mean_ptr': '*fp32', 'var_ptr': '*fp32', 'out_ptr': '*bf16', 'n': 'i32'}
         consts = dict(MIN_DEG=0, DEGS=16, BLOCK=IPE_BLOCK, INTERPRETED=False)
@@ -790,17 +805,20 @@ def compile_offline(which='fwd', save=False, arch=90):
     return triton.compile(src, target=GPUTarget('cuda', arch, 32), options=dict(num_warps=NUM_WARPS))
 
 
-def _compile_dw_offline(target):
-    half = WIDTH // 2
+def _compile_dw_offline(target, kw):
+    half = 2 * KC  # (as `tn_sums` launches it for 256-wide dz and 128-wide dv)
     sig = {
-        'h_desc': f'tensordesc<bf16[{DW_BK}, {WIDTH}]>', 'dz_desc': f'tensordesc<bf16[{DW_BK}, {half}]>',
-        'dw_ptr': '*fp32', 'db_ptr': '*fp32', 'npad': 'i32', 'nsteps': 'i32', 'split': 'i32',
+        'a_desc': f'tensordesc<bf16[{DW_BK}, {half}]>', 'b_desc': f'tensordesc<bf16[{DW_BK}, {kw}]>',
+        'dw_ptr': '*fp32', 'db_ptr': '*fp32', 'a_base': 'i32', 'a_step': 'i32', 'b_base': 'i32', 'b_step': 'i32',
+        'nsteps': 'i32', 'split': 'i32',
     }  # fmt: skip
-    consts = dict(BK=DW_BK, HALF=half, WIDTH=WIDTH, INTERPRETED=False)
+    consts = dict(BK=DW_BK, HALF=half, KW=kw, INTERPRETED=False)
     sig.update({k: 'constexpr' for k in consts})
     names = list(dw_bias_kernel.arg_names)
-    # as the launcher specializes them at the real sizes: pointers 16-byte aligned, npad and nsteps multiples of 16
-    attrs = {(names.index(k),): [['tt.divisibility', 16]] for k in ('dw_ptr', 'db_ptr', 'npad', 'nsteps')}
+    # as the launcher specializes them at the real sizes: pointers 16-byte aligned, row offsets and nsteps
+    # multiples of 16
+    div16 = ('dw_ptr', 'db_ptr', 'a_base', 'a_step', 'b_step', 'nsteps')
+    attrs = {(names.index(k),): [['tt.divisibility', 16]] for k in div16}
     src = triton.compiler.ASTSource(
         fn=dw_bias_kernel, signature={k: sig[k] for k in names}, constexprs=consts, attrs=attrs
     )

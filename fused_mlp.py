@@ -5,7 +5,7 @@
 stay in shared memory while the weights stream through, instead of one GEMM per layer with the
 activations going through GPU memory in between. Training saves the activations (bf16) for a
 backward kernel that gives every layer's pre-activation gradient; the weight gradients are then
-large GEMMs (`weight_grads`; on the GPU those of layers 1..8 in one kernel, with their bias sums).
+large GEMMs (`weight_grads`; on the GPU three launches of one kernel, each with its bias sums).
 Semantics: `MLP.forward` and its gradients under bfloat16 autocast (bf16 operands and activations,
 float32 accumulation and parameter gradients), outputs float32.
 No gradient flows to the inputs x and cond (they come from data).
@@ -198,48 +198,51 @@ def _tn(a, b, split=SPLIT_K):
     return (a.t() @ b).float()
 
 
-def blocks_grads(H, DZ):
-    """The weight and bias gradients of blocks 1..8 (trunk layers 1..7, the bottleneck), in plain torch:
-    H, DZ `[9 * Npad, 256]` bf16 (DZ's rows n.. zero) -> dW `[8, 256, 256]` float32, dW[l - 1] =
-    DZ3[l]^T @ H3[l - 1] (`_tn`), and db `[8, 256]` float32, db[l - 1] = DZ3[l].sum(0). On the GPU
-    `fused_kernels.weight_grads_blocks` does both in one kernel."""
-    npad = H.shape[0] // NSAVE
-    H3, DZ3 = H.view(NSAVE, npad, WIDTH), DZ.view(NSAVE, npad, WIDTH)
-    dW = torch.stack([_tn(DZ3[i + 1], H3[i]) for i in range(8)])
-    return dW, DZ3[1:9].sum(1, dtype=torch.float32)
+def tn_sums(A, B, a_rows, b_rows, rows):
+    """Transposed products with column sums (the weight and bias gradients), in plain torch: for job j,
+    a = A[a_rows[j] : a_rows[j] + rows] `[rows, M]` and b = B[b_rows[j] : b_rows[j] + rows] `[rows, K]`
+    (bf16; b's rows past the end of B count as zero) -> dW `[jobs, M, K]` float32 with dW[j] = a^T @ b
+    (`_tn`: bf16 products, float32 sums) and db `[jobs, M]` float32 with db[j] = a.sum(0). On the GPU
+    `fused_kernels.tn_sums` does each call in one kernel, reading each a once."""
+    dW, db = [], []
+    for i, j in zip(a_rows, b_rows):
+        a, b = A[i : i + rows], B[j : j + rows]
+        b = F.pad(b, (0, 0, 0, rows - b.shape[0]))
+        dW.append(_tn(a, b))
+        db.append(a.sum(0, dtype=torch.float32))
+    return torch.stack(dW), torch.stack(db)
 
 
-def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, blocks=blocks_grads):
+def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, tn=tn_sums):
     """Every parameter's gradient (float32, in `PARAMS` order) from the saved activations and the
     backward kernel's pre-activation gradients.
 
     H, DZ `[9 * Npad, 256]` and V, DV `[Npad, 128]` bf16 (rows n.. of DZ and DV zero); x `[n, x_dim]`
     and cond `[R, cond_dim]` bf16 (n = R x samples); d_rgb `[n, 3]`, d_density `[n]` float32. The
     weights' gradients are dz^T @ input GEMMs with bf16 operands, as autocast's; the biases' are
-    float32 column sums. `blocks(H, DZ)` gives those of blocks 1..8 (`blocks_grads`'s contract).
+    float32 column sums; both from `tn` (`tn_sums`'s contract) in three calls.
     """
     n = x.shape[0]
     npad = V.shape[0]
-    H3, DZ3 = H.view(NSAVE, npad, WIDTH), DZ.view(NSAVE, npad, WIDTH)
-    V, DV = V[:n], DV[:n]
-    dW, db18 = blocks(H, DZ)  # dz_l^T @ h_{l-1} and dz_l's sums for l = 1..7 and the bottleneck (8)
-    db = torch.cat([DZ3[0, :n].sum(0, dtype=torch.float32)[None], db18])
-    d_ray = DV.view(-1, samples, VIEW).sum(1, dtype=torch.float32)  # the per-ray term's gradient
+    H3 = H.view(NSAVE, npad, WIDTH)
+    # blocks 1..8 (layers 1..7, the bottleneck): dz_l^T @ h_{l-1}, dz_l's sums
+    dW, db = tn(DZ, H, [(i + 1) * npad for i in range(8)], [i * npad for i in range(8)], npad)
+    dWx, dbx = tn(DZ, x, (0, 5 * npad), (0, 0), npad)  # layers 0 and 5 on x: dz_0^T @ x, dz_5^T @ x
+    dWv, dbv = tn(DV, H, (0,), (8 * npad,), npad)  # the view layer on the bottleneck: dv^T @ h_8, dv's sums
+    d_ray = DV[:n].view(-1, samples, VIEW).sum(1, dtype=torch.float32)  # the per-ray term's gradient
     d_rgb_b, d_density_b = d_rgb.to(torch.bfloat16), d_density.to(torch.bfloat16)
-    grads = []
-    for i in range(8):
-        w = _tn(DZ3[0, :n], x) if i == 0 else dW[i - 1]
-        if i == 5:
-            w = torch.cat([w, _tn(DZ3[5, :n], x)], 1)
-        grads += [w, db[i]]
+    grads = [dWx[0], dbx[0]]
+    for i in range(1, 8):
+        w = torch.cat([dW[i - 1], dWx[1]], 1) if i == 5 else dW[i - 1]
+        grads += [w, db[i - 1]]
     grads += [
         (d_density_b[None] @ H3[7, :n]).float(),
         d_density.sum().reshape(1),
         dW[7],
-        db[8],
-        torch.cat([_tn(DV, H3[8, :n]), (d_ray.to(torch.bfloat16).t() @ cond).float()], 1),
-        d_ray.sum(0),
-        (d_rgb_b.t() @ V).float(),
+        db[7],
+        torch.cat([dWv[0], (d_ray.to(torch.bfloat16).t() @ cond).float()], 1),
+        dbv[0],
+        (d_rgb_b.t() @ V[:n]).float(),
         d_rgb.sum(0),
     ]
     return [g.to(q.dtype).reshape(q.shape) for g, q in zip(grads, params)]
@@ -274,9 +277,7 @@ class _FusedMLP(torch.autograd.Function):
         d_rgb = (g_rgb if g_rgb is not None else x2.new_zeros(n, 3)).reshape(n, 3).float().contiguous()
         d_density = (g_density if g_density is not None else x2.new_zeros(n)).reshape(n).float().contiguous()
         DZ, DV = fused_kernels.backward(pk, H, V, d_rgb, d_density, n)
-        grads = weight_grads(
-            ctx.saved_tensors, H, V, DZ, DV, x2, cond2, d_rgb, d_density, S, blocks=fused_kernels.weight_grads_blocks
-        )
+        grads = weight_grads(ctx.saved_tensors, H, V, DZ, DV, x2, cond2, d_rgb, d_density, S, tn=fused_kernels.tn_sums)
         return (None, None, None) + tuple(grads)
 
 

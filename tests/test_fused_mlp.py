@@ -115,11 +115,14 @@ def test_weight_gradients_split_over_rows_sum_to_the_whole():
         assert (fused_mlp._tn(a, b, split=split) - whole).abs().max() < 0.01 * whole.abs().max()
 
 
-def interpreted(name, args, tmp_path):
-    """`fused_kernels.<name>(*args)` run in Triton's interpreter on the CPU, in a subprocess (the variable
-    is read when Triton is imported)."""
-    torch.save(args, tmp_path / 'in.pt')
-    code = f'import sys, torch, fused_kernels; torch.save(fused_kernels.{name}(*torch.load(sys.argv[1])), sys.argv[2])'
+def interpreted(name, calls, tmp_path):
+    """[`fused_kernels.<name>(*args)` for args in calls], run in Triton's interpreter on the CPU, in one
+    subprocess (the variable is read when Triton is imported)."""
+    torch.save(calls, tmp_path / 'in.pt')
+    code = (
+        'import sys, torch, fused_kernels; f = fused_kernels.' + name
+        + '; torch.save([f(*a) for a in torch.load(sys.argv[1])], sys.argv[2])'
+    )  # fmt: skip
     env = dict(os.environ, TRITON_INTERPRET='1')
     out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'in.pt'), str(tmp_path / 'out.pt')],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -127,10 +130,11 @@ def interpreted(name, args, tmp_path):
     return torch.load(tmp_path / 'out.pt')
 
 
-def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
-    """`fused_kernels.weight_grads_blocks` in Triton's interpreter (CPU), and `fused_mlp.blocks_grads`, against
-    float64: 9 tiles of rows (18 steps over 8 row ranges, so they differ in length), zero rows past n, every
-    layer at its own scale (a swapped or misplaced layer shows)."""
+def test_the_weight_gradient_kernel_computes_every_product(tmp_path):
+    """`fused_kernels.tn_sums` in Triton's interpreter (CPU), and `fused_mlp.tn_sums`, against float64, in the
+    three calls `weight_grads` makes: blocks 1..8 (9 tiles of rows: 18 steps over 8 row ranges, so they
+    differ in length), dz_0 and dz_5 against x (96 wide and n rows: the kernel reads zeros past both), dv
+    against h_8. Zero rows past n; every block at its own scale (a swapped or misplaced block shows)."""
     pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
     npad, n, W = 9 * fused_mlp.BM, 1100, fused_mlp.WIDTH
     g = torch.Generator().manual_seed(0)
@@ -138,14 +142,25 @@ def test_the_weight_gradient_kernel_computes_every_block(tmp_path):
     DZ = (torch.randn(9, npad, W, generator=g) * torch.arange(1.0, 10.0).view(9, 1, 1) * 1e-3).to(torch.bfloat16)
     DZ[:, n:] = 0
     DZ = DZ.view(9 * npad, W)
-    got = interpreted('weight_grads_blocks', (H, DZ), tmp_path)
-    H3, DZ3 = H.double().view(9, npad, W), DZ.double().view(9, npad, W)
-    want = (DZ3[1:9].transpose(1, 2) @ H3[0:8], DZ3[1:9, :n].sum(1))
-    for (dw, db), tol in ((got, 1e-5), (fused_mlp.blocks_grads(H, DZ), 1e-2)):
-        for got, ref in zip((dw, db), want):
-            assert got.dtype == torch.float32 and got.shape == ref.shape
-            err = (got.double() - ref).abs().amax((1, 2) if got.dim() == 3 else 1)
-            assert (err <= tol * ref.abs().amax((1, 2) if ref.dim() == 3 else 1)).all(), (tol, err)
+    x = torch.randn(n, 96, generator=g).to(torch.bfloat16)
+    DV = torch.randn(npad, 128, generator=g).to(torch.bfloat16)
+    DV[n:] = 0
+    calls = [
+        (DZ, H, [(i + 1) * npad for i in range(8)], [i * npad for i in range(8)], npad),
+        (DZ, x, (0, 5 * npad), (0, 0), npad),
+        (DV, H, (0,), (8 * npad,), npad),
+    ]
+    got = interpreted('tn_sums', calls, tmp_path)
+    for call, kernel in zip(calls, got):
+        A, B, a_rows, b_rows, rows = call
+        Bz = torch.cat([B.double(), B.new_zeros(rows, B.shape[1]).double()])  # (zero rows past B's end)
+        a = torch.stack([A[i : i + rows].double() for i in a_rows])
+        want = (a.transpose(1, 2) @ torch.stack([Bz[j : j + rows] for j in b_rows]), a.sum(1))
+        for (dw, db), tol in ((kernel, 1e-5), (fused_mlp.tn_sums(*call), 1e-2)):
+            for g_, ref in zip((dw, db), want):
+                assert g_.dtype == torch.float32 and g_.shape == ref.shape
+                err = (g_.double() - ref).abs().amax((1, 2) if g_.dim() == 3 else 1)
+                assert (err <= tol * ref.abs().amax((1, 2) if ref.dim() == 3 else 1)).all(), (tol, err)
 
 
 def test_the_ipe_kernel_reduces_large_arguments_exactly(tmp_path):
@@ -161,7 +176,7 @@ def test_the_ipe_kernel_reduces_large_arguments_exactly(tmp_path):
     g = torch.Generator().manual_seed(0)
     mean = (torch.rand(700, 3, generator=g) * 2 - 1) * torch.logspace(-3, math.log10(11.9), 700)[:, None]
     var = torch.rand(700, 3, generator=g) * torch.logspace(-12, 0, 700)[torch.randperm(700, generator=g)][:, None]
-    got = interpreted('integrated_pos_enc', (mean, var, 0, 16), tmp_path)
+    got = interpreted('integrated_pos_enc', [(mean, var, 0, 16)], tmp_path)[0]
     y = mean.double()[:, None, :] * 2.0 ** torch.arange(16, dtype=torch.float64)[:, None]
     damp = torch.exp(-0.5 * var.double()[:, None, :] * 4.0 ** torch.arange(16, dtype=torch.float64)[:, None])
     ref = torch.cat([(damp * torch.sin(y)).reshape(700, -1), (damp * torch.cos(y)).reshape(700, -1)], -1)
@@ -207,7 +222,7 @@ def test_bf16_model_on_cpu_takes_the_plain_path(monkeypatch):
         model.eval()(make_rays((4,), 'cpu'))
 
 
-@pytest.mark.parametrize('which,save', [('fwd', False), ('fwd', True), ('bwd', False), ('dw', False)])
+@pytest.mark.parametrize('which,save', [('fwd', False), ('fwd', True), ('bwd', False), ('dw', False), ('dwx', False)])
 def test_kernels_compile_for_hopper(which, save):
     """Triton's bundled ptxas builds the kernels for sm_90a without a GPU, within a CTA's shared memory."""
     pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
