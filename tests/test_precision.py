@@ -86,7 +86,7 @@ def test_compiled_ray_functions_equal_the_plain_ones_forward_and_backward():
         sum(rgb.square().sum() + dist.sum() for rgb, dist, _ in out).backward()
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert fast.ray_ops.sample is not ref.ray_ops.sample  # (compiled: not the same function)
+    assert ref.ray_ops is None and fast.ray_ops is not None
 
 
 @needs_cuda
