@@ -49,7 +49,8 @@ def resolve_device(name):
 def set_precision(model, precision, compile=False):
     """The precision switches, set in one place: 'fp32' (exact float32 matrix products),
     'tf32' (TensorFloat-32 matrix products on CUDA) or 'bf16' (the MLP under bfloat16
-    autocast; sampling, IPE and compositing stay float32); `compile` torch.compiles the MLP."""
+    autocast; sampling, IPE and compositing stay float32); `compile` torch.compiles the MLP
+    (and mip-NeRF's ray functions)."""
     if precision not in ('fp32', 'tf32', 'bf16'):
         raise ValueError(f'precision must be fp32, tf32 or bf16, got {precision!r}')
     model.bf16 = precision == 'bf16'
@@ -58,6 +59,8 @@ def set_precision(model, precision, compile=False):
     if compile:
         for mlp in (m for m in model.modules() if isinstance(m, MLP)):
             mlp.compile()
+        if hasattr(model, 'compile_rays'):
+            model.compile_rays()
     return model
 
 

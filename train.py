@@ -94,7 +94,7 @@ def loop(state, signals):
         bar.update(1)
         state.window[1:] = [state.window[1] + torch.where(finite, psnrs[-1], 0.0), state.window[2] + 1]  # no sync
         # The step before is done or nearly: read its flag while the device works on this one.
-        bar.update(tu.settle(state, then=finite))
+        bar.update(tu.settle(state, then=tu.DeviceFlag(finite)))
         if due(cfg, state.step):  # what follows reads the step count: this step's flag first
             bar.update(tu.settle(state))
         step = state.step

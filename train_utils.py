@@ -55,7 +55,7 @@ class TrainState:
     step: int = 0
     initial: dict = None  # the state at the start, for a rollback before any checkpoint
     nonfinite: int = 0  # non-finite steps in a row
-    pending: torch.Tensor = None  # the last launched step's `finite`, not read yet (`settle`)
+    pending: 'DeviceFlag' = None  # the last launched step's `finite`, not read yet (`settle`)
     rollbacks: int = 0  # reloads after non-finite steps
     saved_at: int = None  # the step of the last checkpoint this run wrote
     evaluated_at: int = None
@@ -334,6 +334,29 @@ def clip_gradients(model, max_norm):
             if max_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[-1])
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class DeviceFlag:
+    """A one-element bool tensor, copied to the host as soon as the device has computed it: `bool()`
+    then waits for the work queued before it only. (`bool()` of a CUDA tensor copies on its stream,
+    so it waits for everything launched since too: read after the next step was launched, the step
+    before's flag waited for that next step as well, and the device idled while the host launched
+    the one after.)"""
+
+    def __init__(self, flag):
+        self.event = None
+        if flag.device.type == 'cuda':
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag.reshape(()), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(flag.device))  # the copy's stream (--device cuda:1, say)
+        else:
+            self.host = flag
+
+    def __bool__(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 def settle(state, then=None):

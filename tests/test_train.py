@@ -240,3 +240,20 @@ def test_a_nonfinite_step_leaves_parameters_and_adam_unchanged_without_a_host_re
     assert bool(train_utils.train_step(model, opt, Schedule(cfg), sampler, cfg, 1)[3])
     assert all(not torch.equal(p, params[n]) for n, p in model.named_parameters() if p.grad.abs().max() > 0)
     assert int(opt.state[next(model.parameters())]['step']) == 2
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_cuda)])
+def test_a_device_flag_reads_its_own_step_not_the_work_queued_after_it(device):
+    """train.py reads a step's `finite` flag after launching the next step: the read must wait for the
+    flag's own step only. On CUDA a plain bool() of the tensor waits for the whole stream."""
+    import train_utils
+
+    flags = [torch.tensor(v, device=device) for v in (True, False)]
+    read = [train_utils.DeviceFlag(f) for f in flags]
+    if device == 'cuda':
+        stream = torch.cuda.current_stream()
+        torch.cuda._sleep(2_000_000_000)  # about a second of queued work after the flags
+        assert [bool(f) for f in read] == [True, False] and not stream.query()  # still busy: not waited for
+        assert bool(flags[0]) and stream.query()  # the plain read waited for the queued work
+    else:
+        assert [bool(f) for f in read] == [True, False]
