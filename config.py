@@ -241,6 +241,9 @@ def build_parser():
     g = p.add_argument_group('device and speed')
     add_speed_flags(g, default_precision='fp32')
     cli.add_bool(g, '--compile', False, 'torch.compile the MLP')
+    cli.add_bool(
+        g, '--cuda_graph', True, 'replay the training step from one CUDA graph where it can (one CUDA device, mip-NeRF)'
+    )
 
     g = p.add_argument_group('logging and checkpoints')
     flag = g.add_argument

@@ -229,7 +229,7 @@ def checkpoint(state, rank_states=None):
         'model_args': dataclasses.asdict(state.model.args),
         'config': vars(state.cfg),
         'model': state.model.state_dict(),
-        'optimizer': state.optimizer.state_dict(),
+        'optimizer': _plain_rates(state.optimizer.state_dict()),
         'schedule': state.schedule.state_dict(),
         'train_seconds': state.train_seconds(),  # --max_minutes counts on from it after a resume
     }
@@ -241,6 +241,14 @@ def checkpoint(state, rank_states=None):
             world_size=len(rank_states),
         )
     return c
+
+
+def _plain_rates(optimizer_state):
+    """An optimizer's state_dict with its rates as floats (train_utils.Stepper keeps them in device tensors)."""
+    for group in optimizer_state['param_groups']:  # (state_dict's groups are copies)
+        if torch.is_tensor(group['lr']):
+            group['lr'] = group['lr'].item()
+    return optimizer_state
 
 
 def restore(state, ckpt, with_rng):

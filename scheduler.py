@@ -35,10 +35,14 @@ class Schedule:
         return self.scale * learning_rate(step, c.lr_init, c.lr_final, c.max_steps, c.lr_delay_steps, c.lr_delay_mult)
 
     def apply(self, optimizer, step):
-        """Set the optimizer's rate for `step`; returns it."""
+        """Set the optimizer's rate for `step`; returns it. A rate held in a tensor (train_utils.Stepper's
+        CUDA graph reads it there) is filled in place."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group['lr'] = lr
+            if hasattr(group['lr'], 'fill_'):
+                group['lr'].fill_(lr)
+            else:
+                group['lr'] = lr
         return lr
 
     def state_dict(self):

@@ -87,9 +87,7 @@ def loop(state, signals):
         if state.step >= cfg.max_steps or signalled or out_of_time:
             bar.update(tu.settle(state))  # the last step's flag, before finish saves
             break
-        loss, psnrs, grad_norm, finite = tu.train_step(
-            state.net, state.optimizer, state.schedule, state.sampler, cfg, state.step
-        )
+        loss, psnrs, grad_norm, finite = state.stepper(state.step)
         state.step += 1  # counted now, taken back by settle if it was not finite
         bar.update(1)
         state.window[1:] = [state.window[1] + torch.where(finite, psnrs[-1], 0.0), state.window[2] + 1]  # no sync

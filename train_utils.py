@@ -1,8 +1,7 @@
 """The pieces of train.py's loop, each a function of one `TrainState`.
 
     state = setup(cfg)                    # data, model, optimizer, sampler, resume
-    loss, psnrs, grad_norm, finite = train_step(state.net, state.optimizer, state.schedule,
-                                                state.sampler, cfg, state.step)
+    loss, psnrs, grad_norm, finite = state.stepper(state.step)  # train_step, or its CUDA graph
     log_scalars(state, ...); preview(state); evaluate(state, views); save(state); recover(state)
 
 Under torchrun every rank runs the loop: each draws its own rays (seed +
@@ -56,6 +55,7 @@ class TrainState:
     initial: dict = None  # the state at the start, for a rollback before any checkpoint
     nonfinite: int = 0  # non-finite steps in a row
     pending: 'DeviceFlag' = None  # the last launched step's `finite`, not read yet (`settle`)
+    stepper: 'Stepper' = None  # runs a step: `stepper(step)` as `train_step`
     rollbacks: int = 0  # reloads after non-finite steps
     saved_at: int = None  # the step of the last checkpoint this run wrote
     evaluated_at: int = None
@@ -174,6 +174,7 @@ def _setup(cfg, device):
     )
     if rank:
         torch.manual_seed(cfg.seed + rank)  # this rank's own jitter and noise
+    state.stepper = Stepper(net, state.optimizer, state.schedule, state.sampler, cfg, device)
     if not resume(state):
         return None
     state.initial = copy.deepcopy(runs.checkpoint(state))
@@ -280,6 +281,12 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
     for the device. When the loss or the gradient is not finite, the
     parameters and the optimizer's state are left unchanged.
     """
+    schedule.apply(optimizer, step + 1)
+    return _step(model, optimizer, sampler, cfg, step)
+
+
+def _step(model, optimizer, sampler, cfg, step):
+    """`train_step` at the optimizer's current rate (what `Stepper` captures)."""
     rays, target = sampler.sample()
     lossmult = torch.ones_like(rays.lossmult) if cfg.disable_multiscale_loss else rays.lossmult
     optimizer.zero_grad(set_to_none=True)
@@ -308,7 +315,6 @@ def train_step(model, optimizer, schedule, sampler, cfg, step):
         loss, psnrs = total_loss(mses, cfg.coarse_loss_mult), mse_to_psnr(mses)
     grad_norm = clip_gradients(model.module if ddp_wrapped else model, cfg.grad_max_norm)
     finite = torch.isfinite(loss.detach() + grad_norm)
-    schedule.apply(optimizer, step + 1)
     if all(group.get('fused') for group in optimizer.param_groups):
         # No host read: a fused optimizer (runs.build_optimizer's Adam) skips the update
         # (parameters, moments, step count) on the device when found_inf is 1, as under a
@@ -334,6 +340,90 @@ def clip_gradients(model, max_norm):
             if max_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[-1])
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class Stepper:
+    """`train_step` as the loop and the benchmark call it: `stepper(step)`, the same arguments and results.
+
+    On one CUDA device (no DDP), for mip-NeRF (the 360 model's step depends on the step count) with
+    the fused Adam and `--cuda_graph` (default on), the step is replayed from one CUDA graph: the host
+    launches one graph instead of about a thousand kernels (sampling, both levels' forward and
+    backward, clipping, Adam), and the device does not wait between them. The first `WARMUP` calls
+    run eagerly on a side stream (compilation, lazy state); the next one captures the step and
+    replays it. The learning rate becomes a device tensor, filled before each replay; the sampler's
+    generator is registered with the graph, so each replay draws new rays. The results are copies
+    (the graph's own are overwritten by the next replay). `drop()` after anything that replaces the
+    optimizer's state (a rollback, a resume): the next call captures again. A capture that fails says
+    so in one line and the run goes on without the graph.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, net, optimizer, schedule, sampler, cfg, device):
+        self.args = (net, optimizer, schedule, sampler, cfg)
+        self.problem = graph_problem(net, optimizer, cfg, device)
+        self.graph = self.outputs = None
+        self.calls = 0
+
+    def drop(self):
+        self.graph = self.outputs = None
+        self.calls = 0
+
+    def __call__(self, step):
+        net, optimizer, schedule, sampler, cfg = self.args
+        if self.problem:
+            return train_step(net, optimizer, schedule, sampler, cfg, step)
+        for group in optimizer.param_groups:  # (a resume or rollback loads floats)
+            if not torch.is_tensor(group['lr']):
+                group['lr'] = torch.tensor(float(group['lr']), device=sampler.device)
+        schedule.apply(optimizer, step + 1)  # fills the tensors
+        if self.graph is None:
+            self.calls += 1
+            if self.calls <= self.WARMUP:
+                side = torch.cuda.Stream(sampler.device)
+                side.wait_stream(torch.cuda.current_stream(sampler.device))
+                with torch.cuda.stream(side):
+                    out = _step(net, optimizer, sampler, cfg, step)
+                torch.cuda.current_stream(sampler.device).wait_stream(side)
+                return out
+            self._capture(step)
+            if self.graph is None:
+                return train_step(net, optimizer, schedule, sampler, cfg, step)
+        self.graph.replay()
+        return tuple(t.clone() for t in self.outputs)
+
+    def _capture(self, step):
+        net, optimizer, _, sampler, cfg = self.args
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(sampler.generator)
+        for group in optimizer.param_groups:
+            group['capturable'] = True
+        try:
+            with torch.cuda.graph(graph):
+                outputs = _step(net, optimizer, sampler, cfg, step)
+        except RuntimeError as e:
+            self.problem = f'capturing the step failed ({str(e).splitlines()[0]})'
+            print(f'--cuda_graph: {self.problem}; training without the graph')
+            return
+        finally:  # (checkpoints keep the plain flag; replays do not read it)
+            for group in optimizer.param_groups:
+                group['capturable'] = False
+        self.graph, self.outputs = graph, outputs
+
+
+def graph_problem(net, optimizer, cfg, device):
+    """Why `Stepper` cannot capture the step as a CUDA graph (one phrase), or None."""
+    if device.type != 'cuda':
+        return f'{device} is not a CUDA device'
+    if not cfg.cuda_graph:
+        return 'off (--cuda_graph false)'
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return 'DDP (several processes)'
+    if net.args.model != 'mipnerf':
+        return f'the {net.args.model} step depends on the step count'
+    if not all(group.get('fused') for group in optimizer.param_groups):
+        return 'the optimizer is not the fused Adam'
+    return None
 
 
 class DeviceFlag:
@@ -404,6 +494,7 @@ def recover(state):
         ckpt = None
     scale, back = state.schedule.scale * 0.5, state.step
     runs.restore(state, ckpt or state.initial, with_rng=False)
+    state.stepper.drop()  # (its graph holds the optimizer state that the restore replaced)
     state.schedule.scale = scale
     if state.main:
         tqdm.write(

@@ -5,15 +5,15 @@
     python scripts/benchmark.py --quick --device cpu               # small sizes: a smoke test for CI
 
 For each variant (a precision, then optionally +compile for torch.compile of
-the MLP) it times whole training
+the MLP, +nograph for the step without its CUDA graph) it times whole training
 steps (ray sampling on the device, both levels, loss, backward, Adam, the
-schedule) back to back, as train.py runs them (the host queues work ahead; one
-synchronization at the end), then the parts of a step on their own (sampling +
-Gaussians, IPE, MLP forward and backward, compositing; medians, synchronized
-around each), renders one full frame and one grid_size^3 density grid, and
-prints one table, after warm-up steps. Under torchrun every process trains
-(DistributedDataParallel) and rank 0 alone prints, with rays/s summed over the
-processes.
+schedule) back to back, as train.py runs them (train_utils.Stepper: one CUDA
+graph where it can; the host queues work ahead; one synchronization at the
+end), then the parts of a step on their own (sampling + Gaussians, IPE, MLP
+forward and backward, compositing; medians, synchronized around each), renders
+one full frame and one grid_size^3 density grid, and prints one table, after
+warm-up steps. Under torchrun every process trains (DistributedDataParallel)
+and rank 0 alone prints, with rays/s summed over the processes.
 
     torchrun --standalone --nproc_per_node=2 scripts/benchmark.py --variants bf16+compile
 """
@@ -80,7 +80,7 @@ def synthetic_scene(n, size, focal_frac=1.389):
     return datasets.SceneData(images, pix2cam, c2w, 2.0, 6.0)
 
 
-def make_cfg(args, precision, compile):
+def make_cfg(args, precision, compile, graph=True):
     argv = (['--config', '360.txt'] if args.model == 'mipnerf360' else []) + [
         '--dataset_name',
         'blender',
@@ -98,6 +98,8 @@ def make_cfg(args, precision, compile):
         str(compile).lower(),
         '--max_steps',
         '1000000',
+        '--cuda_graph',
+        str(graph).lower(),
     ]
     return config_lib.get_config(argv, need_data=False)
 
@@ -117,7 +119,7 @@ def bench_variant(name, args, data, device):
     problem = 'compile' in extras and runs.compile_problem(device)
     if problem:
         fail(f'--variants {args.variants}: torch.compile cannot run on {device} here ({problem}); drop +compile')
-    cfg = make_cfg(args, precision, 'compile' in extras)
+    cfg = make_cfg(args, precision, 'compile' in extras, 'nograph' not in extras)
     torch.manual_seed(0)
     model = runs.build_model(cfg).to(device)
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
@@ -131,12 +133,15 @@ def bench_variant(name, args, data, device):
     schedule = Schedule(cfg)
     sampler = datasets.RaySampler(data, cfg.batch_size, device, seed=0, batching=cfg.batching)
 
+    stepper = train_utils.Stepper(net, opt, schedule, sampler, cfg, device)  # as train.py's loop
+
     def step():
-        train_utils.train_step(net, opt, schedule, sampler, cfg, 0)
+        stepper(0)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = back_to_back(step, device, args.steps, args.warmup)
+    warmup = args.warmup if stepper.problem else max(args.warmup, stepper.WARMUP + 1)  # (captured before timing)
+    step_s = back_to_back(step, device, args.steps, warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
 
     frame = data.rays_of_image(0)
@@ -149,6 +154,7 @@ def bench_variant(name, args, data, device):
         peak_gb=peak,
         parts={},
         mlp='fused kernels' if fused else 'torch' + (', compiled' if cfg.compile else ''),
+        graph='one CUDA graph' if not stepper.problem else f'no CUDA graph: {stepper.problem}',
         frame=tuple(frame.origins.shape[:2]),
     )
     if args.train_only:  # a scaling run: the step alone
@@ -210,7 +216,7 @@ SIZES = {
 }
 SIZES_360 = {'batch_size': (16384, 256), 'num_samples': (32, 8), 'net_width': (1024, 64)}  # configs/360.txt's
 PRECISIONS = ('fp32', 'tf32', 'bf16')
-EXTRAS = ('compile',)
+EXTRAS = ('compile', 'nograph')
 
 
 def fail(message):
@@ -235,7 +241,8 @@ def build_parser():
     ap.add_argument(
         '--variants',
         default='fp32,tf32,bf16',
-        help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile (torch.compile)',
+        help='comma-separated precisions (fp32, tf32, bf16), each optionally with +compile (torch.compile) and '
+        '+nograph (the step without its CUDA graph, --cuda_graph false)',
     )
     for name, (full, quick, text) in SIZES.items():
         # default None: filled in by parse_args() from --quick, so that explicit flags win over it.
@@ -267,7 +274,7 @@ def check_variants(spec):
             fail(f'--variants {spec}: {name!r} must start with a precision, one of {", ".join(PRECISIONS)}')
         unknown = [e for e in extras if e not in EXTRAS]
         if unknown:
-            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile)')
+            fail(f'--variants {spec}: unknown option {"+".join(unknown)} in {name!r} (use +compile or +nograph)')
     return names
 
 
@@ -328,7 +335,7 @@ def main(argv=None):
         rows.append(bench_variant(name, args, data, device))
         r = rows[-1]
         say(
-            f'  {name} (MLP: {r["mlp"]}): {r["rays_s"]:,.0f} rays/s; parts (ms) '
+            f'  {name} (MLP: {r["mlp"]}; step: {r["graph"]}): {r["rays_s"]:,.0f} rays/s; parts (ms) '
             + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()),
             flush=True,
         )

@@ -257,3 +257,72 @@ def test_a_device_flag_reads_its_own_step_not_the_work_queued_after_it(device):
         assert bool(flags[0]) and stream.query()  # the plain read waited for the queued work
     else:
         assert [bool(f) for f in read] == [True, False]
+
+
+def _tiny_training(tiny_demo, device, *extra):
+    import config as config_lib
+    import datasets
+    import runs
+    from scheduler import Schedule
+
+    cfg = config_lib.get_config(train_args(tiny_demo, 'unused', '--device', str(device), *extra))
+    torch.manual_seed(0)
+    model = runs.build_model(cfg).to(device)
+    opt = runs.build_optimizer(model, cfg)
+    sampler = datasets.RaySampler(datasets.dataset_from_config(cfg, 'train'), 64, device, seed=0)
+    return cfg, model, opt, Schedule(cfg), sampler
+
+
+def test_the_step_graph_says_in_one_phrase_where_it_cannot_run(tiny_demo):
+    import train_utils
+
+    cfg, model, opt, _, _ = _tiny_training(tiny_demo, 'cpu')
+    cuda = torch.device('cuda')  # (only asked, never touched)
+    assert train_utils.graph_problem(model, opt, cfg, cuda) is None
+    assert train_utils.graph_problem(model, opt, cfg, torch.device('cpu')) == 'cpu is not a CUDA device'
+    cfg.cuda_graph = False
+    assert train_utils.graph_problem(model, opt, cfg, cuda) == 'off (--cuda_graph false)'
+    cfg.cuda_graph = True
+    plain = torch.optim.Adam(model.parameters())
+    assert train_utils.graph_problem(model, plain, cfg, cuda) == 'the optimizer is not the fused Adam'
+    cfg360, model360, opt360, _, _ = _tiny_training(tiny_demo, 'cpu', '--model', 'mipnerf360')
+    assert 'depends on the step count' in train_utils.graph_problem(model360, opt360, cfg360, cuda)
+    stepper = train_utils.Stepper(model, opt, *_tiny_training(tiny_demo, 'cpu')[3:], cfg, torch.device('cpu'))
+    assert stepper.problem and bool(stepper(0)[3]) and stepper.graph is None  # the plain step
+
+
+def test_a_rate_in_a_tensor_is_filled_in_place_and_checkpoints_keep_floats(tiny_demo):
+    import runs
+
+    cfg, model, opt, schedule, _ = _tiny_training(tiny_demo, 'cpu')
+    rate = opt.param_groups[0]['lr'] = torch.tensor(1.0)
+    assert schedule.apply(opt, 3) == schedule(3) and opt.param_groups[0]['lr'] is rate
+    assert rate.item() == pytest.approx(schedule(3)) and schedule(3) != 1.0
+    saved = runs._plain_rates(opt.state_dict())
+    assert saved['param_groups'][0]['lr'] == pytest.approx(schedule(3)) and opt.param_groups[0]['lr'] is rate
+
+
+@needs_cuda
+def test_the_step_graph_trains_as_the_plain_step(tiny_demo):
+    """train_utils.Stepper on CUDA: warm-up steps, a capture, replays, a drop (as after a rollback) and a
+    second capture give the plain step's losses and parameters, over steps whose rate changes (the
+    delayed warm-up of 10 steps); each replay draws new rays."""
+    import train_utils
+
+    runs_ = []
+    for graph in (False, True):
+        cfg, model, opt, schedule, sampler = _tiny_training(tiny_demo, 'cuda', '--cuda_graph', str(graph).lower())
+        stepper = train_utils.Stepper(model, opt, schedule, sampler, cfg, torch.device('cuda'))
+        assert (stepper.problem is None) == graph
+        losses = []
+        for step in range(14):
+            if step == 9:
+                assert (stepper.graph is not None) == graph
+                stepper.drop()
+            losses.append(stepper(step)[0])
+        runs_.append((torch.stack(losses).cpu(), [p.detach().cpu() for p in model.parameters()]))
+    (plain_losses, plain_params), (graph_losses, graph_params) = runs_
+    assert len(set(plain_losses.tolist())) == 14  # new rays every step
+    torch.testing.assert_close(graph_losses, plain_losses, rtol=1e-5, atol=1e-7)
+    for a, b in zip(graph_params, plain_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
