@@ -32,7 +32,8 @@ torch.compile'd bf16 MLP.
   gradient for x or cond: they come from data.
 - `dw_bias_kernel` (plain Triton): the weight gradients as dz^T @ input over all rows, split into row
   ranges, with the bias column sums from the same reads of dz (`tn_sums`): blocks 1..8 in one launch,
-  dz_0 and dz_5 against x in another, the view layer's dv against the bottleneck in a third.
+  dz_0 and dz_5 against x in another, the view layer's dv against the bottleneck in a third, d_rgb
+  (16 wide) against v in a fourth.
 - `ipe_kernel`: `ray_utils.integrated_pos_enc` straight to bf16 in one pass.
 
 Patterns from the Triton Gluon tutorials 05-wgmma.py (layouts, async wgmma and its wait, K-major B
@@ -732,8 +733,8 @@ def _progression(rows):
 
 def tn_sums(A, B, a_rows, b_rows, rows):
     """`fused_mlp.tn_sums` in one kernel (the same contract, each a read once): A `[*, M]`, B `[*, K]` bf16
-    contiguous (M a multiple of 128 or at most 128; K at most 256; rows a multiple of DW_BK; a_rows and
-    b_rows arithmetic progressions) -> dW `[jobs, M, K]`, db `[jobs, M]` float32. Split-K over row ranges
+    contiguous (M a multiple of 128 or a power of 2 from 16 to 128; K at most 256; rows a multiple of DW_BK;
+    a_rows and b_rows arithmetic progressions) -> dW `[jobs, M, K]`, db `[jobs, M]` float32. Split-K over row ranges
     (about DW_CTAS programs in all), the partials summed here."""
     M, K = A.shape[1], B.shape[1]
     half = min(M, 2 * KC)
@@ -757,13 +758,14 @@ def _interpreted():
 
 def compile_offline(which='fwd', save=False, arch=90):
     """Compile `mlp_fwd_kernel` ('fwd'), `mlp_fwd_save_kernel` ('fwd' with `save`), `mlp_bwd_kernel`
-    ('bwd'), `dw_bias_kernel` ('dw': against 256-wide h; 'dwx': against x, 128 wide) or `ipe_kernel`
+    ('bwd'), `dw_bias_kernel` ('dw': against 256-wide h; 'dwx': against x; 'dwrgb': d_rgb against v) or `ipe_kernel`
     ('ipe', 16 degrees) for sm_{arch}a without a GPU (Triton bundles ptxas); returns the CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    if which in ('dw', 'dwx'):
-        return _compile_dw_offline(GPUTarget('cuda', arch, 32), WIDTH if which == 'dw' else XK)
+    if which.startswith('dw'):  # (a of 256-wide dz and 128-wide dv as `tn_sums` launches them; of d_rgb 16 wide)
+        half, kw = dict(dw=(2 * KC, WIDTH), dwx=(2 * KC, XK), dwrgb=(16, VIEW))[which]
+        return _compile_dw_offline(GPUTarget('cuda', arch, 32), half, kw)
     if which == 'ipe':
         sig = {'mean_ptr': '*fp32', 'var_ptr': '*fp32', 'out_ptr': '*bf16', 'n': 'i32'}
         consts = dict(MIN_DEG=0, DEGS=16, BLOCK=IPE_BLOCK, INTERPRETED=False)
@@ -805,8 +807,7 @@ def compile_offline(which='fwd', save=False, arch=90):
     return triton.compile(src, target=GPUTarget('cuda', arch, 32), options=dict(num_warps=NUM_WARPS))
 
 
-def _compile_dw_offline(target, kw):
-    half = 2 * KC  # (as `tn_sums` launches it for 256-wide dz and 128-wide dv)
+def _compile_dw_offline(target, half, kw):
     sig = {
         'a_desc': f'tensordesc<bf16[{DW_BK}, {half}]>', 'b_desc': f'tensordesc<bf16[{DW_BK}, {kw}]>',
         'dw_ptr': '*fp32', 'db_ptr': '*fp32', 'a_base': 'i32', 'a_step': 'i32', 'b_base': 'i32', 'b_step': 'i32',

@@ -201,13 +201,12 @@ def _tn(a, b, split=SPLIT_K):
 def tn_sums(A, B, a_rows, b_rows, rows):
     """Transposed products with column sums (the weight and bias gradients), in plain torch: for job j,
     a = A[a_rows[j] : a_rows[j] + rows] `[rows, M]` and b = B[b_rows[j] : b_rows[j] + rows] `[rows, K]`
-    (bf16; b's rows past the end of B count as zero) -> dW `[jobs, M, K]` float32 with dW[j] = a^T @ b
+    (bf16; rows past the end of A or B count as zero) -> dW `[jobs, M, K]` float32 with dW[j] = a^T @ b
     (`_tn`: bf16 products, float32 sums) and db `[jobs, M]` float32 with db[j] = a.sum(0). On the GPU
     `fused_kernels.tn_sums` does each call in one kernel, reading each a once."""
     dW, db = [], []
     for i, j in zip(a_rows, b_rows):
-        a, b = A[i : i + rows], B[j : j + rows]
-        b = F.pad(b, (0, 0, 0, rows - b.shape[0]))
+        a, b = (F.pad(T[k : k + rows], (0, 0, 0, rows - T[k : k + rows].shape[0])) for T, k in ((A, i), (B, j)))
         dW.append(_tn(a, b))
         db.append(a.sum(0, dtype=torch.float32))
     return torch.stack(dW), torch.stack(db)
@@ -220,7 +219,7 @@ def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, tn=tn
     H, DZ `[9 * Npad, 256]` and V, DV `[Npad, 128]` bf16 (rows n.. of DZ and DV zero); x `[n, x_dim]`
     and cond `[R, cond_dim]` bf16 (n = R x samples); d_rgb `[n, 3]`, d_density `[n]` float32. The
     weights' gradients are dz^T @ input GEMMs with bf16 operands, as autocast's; the biases' are
-    float32 column sums; both from `tn` (`tn_sums`'s contract) in three calls.
+    float32 column sums; both from `tn` (`tn_sums`'s contract) in four calls.
     """
     n = x.shape[0]
     npad = V.shape[0]
@@ -229,8 +228,9 @@ def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, tn=tn
     dW, db = tn(DZ, H, [(i + 1) * npad for i in range(8)], [i * npad for i in range(8)], npad)
     dWx, dbx = tn(DZ, x, (0, 5 * npad), (0, 0), npad)  # layers 0 and 5 on x: dz_0^T @ x, dz_5^T @ x
     dWv, dbv = tn(DV, H, (0,), (8 * npad,), npad)  # the view layer on the bottleneck: dv^T @ h_8, dv's sums
-    d_ray = DV[:n].view(-1, samples, VIEW).sum(1, dtype=torch.float32)  # the per-ray term's gradient
     d_rgb_b, d_density_b = d_rgb.to(torch.bfloat16), d_density.to(torch.bfloat16)
+    dWrgb, _ = tn(F.pad(d_rgb_b, (0, 13)), V, (0,), (0,), npad)  # the rgb layer: d_rgb^T @ v (16 wide for TMA)
+    d_ray = DV[:n].view(-1, samples, VIEW).sum(1, dtype=torch.float32)  # the per-ray term's gradient
     grads = [dWx[0], dbx[0]]
     for i in range(1, 8):
         w = torch.cat([dW[i - 1], dWx[1]], 1) if i == 5 else dW[i - 1]
@@ -242,7 +242,7 @@ def weight_grads(params, H, V, DZ, DV, x, cond, d_rgb, d_density, samples, tn=tn
         db[7],
         torch.cat([dWv[0], (d_ray.to(torch.bfloat16).t() @ cond).float()], 1),
         dbv[0],
-        (d_rgb_b.t() @ V[:n]).float(),
+        dWrgb[0, :3],
         d_rgb.sum(0),
     ]
     return [g.to(q.dtype).reshape(q.shape) for g, q in zip(grads, params)]

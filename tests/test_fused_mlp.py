@@ -132,9 +132,10 @@ def interpreted(name, calls, tmp_path):
 
 def test_the_weight_gradient_kernel_computes_every_product(tmp_path):
     """`fused_kernels.tn_sums` in Triton's interpreter (CPU), and `fused_mlp.tn_sums`, against float64, in the
-    three calls `weight_grads` makes: blocks 1..8 (9 tiles of rows: 18 steps over 8 row ranges, so they
+    four calls `weight_grads` makes: blocks 1..8 (9 tiles of rows: 18 steps over 8 row ranges, so they
     differ in length), dz_0 and dz_5 against x (96 wide and n rows: the kernel reads zeros past both), dv
-    against h_8. Zero rows past n; every block at its own scale (a swapped or misplaced block shows)."""
+    against h_8, d_rgb (16 wide, n rows) against v (nonzero past n). Zero rows past n; every block at its
+    own scale (a swapped or misplaced block shows)."""
     pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
     npad, n, W = 9 * fused_mlp.BM, 1100, fused_mlp.WIDTH
     g = torch.Generator().manual_seed(0)
@@ -145,16 +146,19 @@ def test_the_weight_gradient_kernel_computes_every_product(tmp_path):
     x = torch.randn(n, 96, generator=g).to(torch.bfloat16)
     DV = torch.randn(npad, 128, generator=g).to(torch.bfloat16)
     DV[n:] = 0
+    V = torch.randn(npad, 128, generator=g).to(torch.bfloat16)
+    d_rgb = torch.nn.functional.pad(torch.randn(n, 3, generator=g), (0, 13)).to(torch.bfloat16)
     calls = [
         (DZ, H, [(i + 1) * npad for i in range(8)], [i * npad for i in range(8)], npad),
         (DZ, x, (0, 5 * npad), (0, 0), npad),
         (DV, H, (0,), (8 * npad,), npad),
+        (d_rgb, V, (0,), (0,), npad),
     ]
     got = interpreted('tn_sums', calls, tmp_path)
     for call, kernel in zip(calls, got):
         A, B, a_rows, b_rows, rows = call
-        Bz = torch.cat([B.double(), B.new_zeros(rows, B.shape[1]).double()])  # (zero rows past B's end)
-        a = torch.stack([A[i : i + rows].double() for i in a_rows])
+        Az, Bz = (torch.cat([T.double(), T.new_zeros(rows, T.shape[1]).double()]) for T in (A, B))  # (zeros past)
+        a = torch.stack([Az[i : i + rows] for i in a_rows])
         want = (a.transpose(1, 2) @ torch.stack([Bz[j : j + rows] for j in b_rows]), a.sum(1))
         for (dw, db), tol in ((kernel, 1e-5), (fused_mlp.tn_sums(*call), 1e-2)):
             for g_, ref in zip((dw, db), want):
@@ -222,15 +226,19 @@ def test_bf16_model_on_cpu_takes_the_plain_path(monkeypatch):
         model.eval()(make_rays((4,), 'cpu'))
 
 
-@pytest.mark.parametrize('which,save', [('fwd', False), ('fwd', True), ('bwd', False), ('dw', False), ('dwx', False)])
+@pytest.mark.parametrize(
+    'which,save', [('fwd', False), ('fwd', True), ('bwd', False), ('dw', False), ('dwx', False), ('dwrgb', False)]
+)
 def test_kernels_compile_for_hopper(which, save):
-    """Triton's bundled ptxas builds the kernels for sm_90a without a GPU, within a CTA's shared memory."""
+    """Triton's bundled ptxas builds the kernels for sm_90a without a GPU, within a CTA's shared memory: TMA
+    loads and wgmma (mma.sync for d_rgb's 16 rows, below wgmma's 64)."""
     pytest.importorskip('triton.experimental.gluon.language.nvidia.hopper')
     import fused_kernels
 
     k = fused_kernels.compile_offline(which, save)
     assert k.metadata.shared <= 232_448
-    assert 'wgmma.mma_async' in k.asm['ptx'] and 'cp.async.bulk.tensor' in k.asm['ptx']
+    mma = 'mma.sync' if which == 'dwrgb' else 'wgmma.mma_async'
+    assert mma in k.asm['ptx'] and 'cp.async.bulk.tensor' in k.asm['ptx']
 
 
 @hopper
