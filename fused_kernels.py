@@ -614,7 +614,7 @@ def dw_bias_kernel(
 
     Grid (M / HALF, jobs, split): which HALF of a's features (fastest, so the CTAs reading the same b rows
     run together), job, row range s = whole BK-row steps [s * nsteps // split, (s + 1) * nsteps // split).
-    Per step: a tile [BK, HALF], b tile [BK, KW] (TMA; b's columns past its width and rows past its end
+    Per step: a tile [BK, HALF], b tile [BK, KW] (TMA; columns past a tensor's width and rows past its end
     zero-filled), acc += a^T @ b on the tensor cores, and the column sums as sacc += a^T @ ones[BK, 16]
     (exact bf16 ones, float32 accumulation, no register copy of a). INTERPRETED (under TRITON_INTERPRET=1
     only): the steps run in a while loop, as triton 3.6's interpreter cannot take a range() whose bounds

@@ -5,7 +5,7 @@
 stay in shared memory while the weights stream through, instead of one GEMM per layer with the
 activations going through GPU memory in between. Training saves the activations (bf16) for a
 backward kernel that gives every layer's pre-activation gradient; the weight gradients are then
-large GEMMs (`weight_grads`; on the GPU three launches of one kernel, each with its bias sums).
+large GEMMs (`weight_grads`; on the GPU four launches of one kernel, each with its bias sums).
 Semantics: `MLP.forward` and its gradients under bfloat16 autocast (bf16 operands and activations,
 float32 accumulation and parameter gradients), outputs float32.
 No gradient flows to the inputs x and cond (they come from data).

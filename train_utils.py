@@ -380,11 +380,13 @@ class Stepper:
         if self.graph is None:
             self.calls += 1
             if self.calls <= self.WARMUP:
-                side = torch.cuda.Stream(sampler.device)
-                side.wait_stream(torch.cuda.current_stream(sampler.device))
+                main, side = torch.cuda.current_stream(sampler.device), torch.cuda.Stream(sampler.device)
+                side.wait_stream(main)
                 with torch.cuda.stream(side):
                     out = _step(net, optimizer, sampler, cfg, step)
-                torch.cuda.current_stream(sampler.device).wait_stream(side)
+                main.wait_stream(side)
+                for t in out:  # (made on the side stream, read on this one)
+                    t.record_stream(main)
                 return out
             self._capture(step)
             if self.graph is None:
@@ -402,7 +404,7 @@ class Stepper:
             with torch.cuda.graph(graph):
                 outputs = _step(net, optimizer, sampler, cfg, step)
         except RuntimeError as e:
-            self.problem = f'capturing the step failed ({str(e).splitlines()[0]})'
+            self.problem = f'capturing the step failed ({(str(e).splitlines() or [type(e).__name__])[0]})'
             print(f'--cuda_graph: {self.problem}; training without the graph')
             return
         finally:  # (checkpoints keep the plain flag; replays do not read it)
