@@ -256,6 +256,8 @@ def restore(state, ckpt, with_rng):
     (fresh, distinct streams when the checkpoint was written by another number of processes)."""
     state.model.load_state_dict(ckpt['model'])
     state.optimizer.load_state_dict(ckpt['optimizer'])
+    if state.stepper is not None:  # its CUDA graph holds the optimizer state just replaced
+        state.stepper.drop()
     for group in state.optimizer.param_groups:  # checkpoints before the fused optimizer say foreach
         group.update(fused=True, foreach=None)
     state.schedule.load_state_dict(ckpt['schedule'])

@@ -350,11 +350,11 @@ class Stepper:
     launches one graph instead of about a thousand kernels (sampling, both levels' forward and
     backward, clipping, Adam), and the device does not wait between them. The first `WARMUP` calls
     run eagerly on a side stream (compilation, lazy state); the next one captures the step and
-    replays it. The learning rate becomes a device tensor, filled before each replay; the sampler's
+    replays it. At capture the learning rate becomes a device tensor, filled before each replay; the sampler's
     generator is registered with the graph, so each replay draws new rays. The results are copies
-    (the graph's own are overwritten by the next replay). `drop()` after anything that replaces the
-    optimizer's state (a rollback, a resume): the next call captures again. A capture that fails says
-    so in one line and the run goes on without the graph.
+    (the graph's own are overwritten by the next replay). `runs.restore` (a rollback, a resume)
+    drops the graph, which holds the optimizer state it replaces: the next call captures again. A
+    capture that fails says so in one line and the run goes on without the graph.
     """
 
     WARMUP = 3
@@ -373,10 +373,7 @@ class Stepper:
         net, optimizer, schedule, sampler, cfg = self.args
         if self.problem:
             return train_step(net, optimizer, schedule, sampler, cfg, step)
-        for group in optimizer.param_groups:  # (a resume or rollback loads floats)
-            if not torch.is_tensor(group['lr']):
-                group['lr'] = torch.tensor(float(group['lr']), device=sampler.device)
-        schedule.apply(optimizer, step + 1)  # fills the tensors
+        schedule.apply(optimizer, step + 1)  # (fills the rate tensors that the graph reads)
         if self.graph is None:
             self.calls += 1
             if self.calls <= self.WARMUP:
@@ -398,8 +395,10 @@ class Stepper:
         net, optimizer, _, sampler, cfg = self.args
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(sampler.generator)
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # (a rate loaded by a resume or rollback is a float)
             group['capturable'] = True
+            if not torch.is_tensor(group['lr']):
+                group['lr'] = torch.tensor(float(group['lr']), device=sampler.device)
         try:
             with torch.cuda.graph(graph):
                 outputs = _step(net, optimizer, sampler, cfg, step)
@@ -496,7 +495,6 @@ def recover(state):
         ckpt = None
     scale, back = state.schedule.scale * 0.5, state.step
     runs.restore(state, ckpt or state.initial, with_rng=False)
-    state.stepper.drop()  # (its graph holds the optimizer state that the restore replaced)
     state.schedule.scale = scale
     if state.main:
         tqdm.write(
