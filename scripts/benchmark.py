@@ -330,21 +330,24 @@ def main(argv=None):
         f'width {args.net_width}, data {args.base_dir or "synthetic"}',
         flush=True,
     )
-    rows = []
-    for name in variants:
-        rows.append(bench_variant(name, args, data, device))
-        r = rows[-1]
-        say(
-            f'  {name} (MLP: {r["mlp"]}; step: {r["graph"]}): {r["rays_s"]:,.0f} rays/s; parts (ms) '
-            + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()),
-            flush=True,
-        )
-    h, w = rows[0]['frame']
-    say(f'\n| variant | rays/s | ms/step | render s/frame ({w}x{h}) | mesh grid s ({args.grid_size}^3) | peak GB |')
-    say('|---|---:|---:|---:|---:|---:|')
-    for r in rows:
-        peak, render, grid = ('-' if np.isnan(r[k]) else f'{r[k]:.2f}' for k in ('peak_gb', 'render_s', 'grid_s'))
-        say(f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {render} | {grid} | {peak} |')
+    try:
+        rows = []
+        for name in variants:
+            rows.append(bench_variant(name, args, data, device))
+            r = rows[-1]
+            say(
+                f'  {name} (MLP: {r["mlp"]}; step: {r["graph"]}): {r["rays_s"]:,.0f} rays/s; parts (ms) '
+                + ', '.join(f'{k} {v:.2f}' for k, v in r['parts'].items()),
+                flush=True,
+            )
+        h, w = rows[0]['frame']
+        say(f'\n| variant | rays/s | ms/step | render s/frame ({w}x{h}) | mesh grid s ({args.grid_size}^3) | peak GB |')
+        say('|---|---:|---:|---:|---:|---:|')
+        for r in rows:
+            peak, render, grid = ('-' if np.isnan(r[k]) else f'{r[k]:.2f}' for k in ('peak_gb', 'render_s', 'grid_s'))
+            say(f'| {r["name"]} | {r["rays_s"]:,.0f} | {r["ms"]:.1f} | {render} | {grid} | {peak} |')
+    finally:
+        ddp.cleanup()  # each variant's DDP wrapper is gone with its call (ddp.cleanup says why this matters)
 
 
 if __name__ == '__main__':
