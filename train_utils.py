@@ -386,8 +386,8 @@ class Stepper:
                     t.record_stream(main)
                 return out
             self._capture(step)
-            if self.graph is None:
-                return train_step(net, optimizer, schedule, sampler, cfg, step)
+            if self.graph is None:  # (the rate is set: the plain step without a second schedule.apply)
+                return _step(net, optimizer, sampler, cfg, step)
         self.graph.replay()
         return tuple(t.clone() for t in self.outputs)
 

@@ -276,7 +276,7 @@ def _tiny_training(tiny_demo, device, *extra):
 def test_the_step_graph_says_in_one_phrase_where_it_cannot_run(tiny_demo):
     import train_utils
 
-    cfg, model, opt, _, _ = _tiny_training(tiny_demo, 'cpu')
+    cfg, model, opt, schedule, sampler = _tiny_training(tiny_demo, 'cpu')
     cuda = torch.device('cuda')  # (only asked, never touched)
     assert train_utils.graph_problem(model, opt, cfg, cuda) is None
     assert train_utils.graph_problem(model, opt, cfg, torch.device('cpu')) == 'cpu is not a CUDA device'
@@ -287,7 +287,7 @@ def test_the_step_graph_says_in_one_phrase_where_it_cannot_run(tiny_demo):
     assert train_utils.graph_problem(model, plain, cfg, cuda) == 'the optimizer is not the fused Adam'
     cfg360, model360, opt360, _, _ = _tiny_training(tiny_demo, 'cpu', '--model', 'mipnerf360')
     assert 'depends on the step count' in train_utils.graph_problem(model360, opt360, cfg360, cuda)
-    stepper = train_utils.Stepper(model, opt, *_tiny_training(tiny_demo, 'cpu')[3:], cfg, torch.device('cpu'))
+    stepper = train_utils.Stepper(model, opt, schedule, sampler, cfg, torch.device('cpu'))
     assert stepper.problem and bool(stepper(0)[3]) and stepper.graph is None  # the plain step
 
 
